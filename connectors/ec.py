@@ -1,0 +1,66 @@
+"""Encoder-cache (EC) connector: image embeddings under content keys, shared by all workers.
+
+Invariants every backend keeps:
+- `exists` is the scheduler-side query; it never loads bytes.
+- `save` then `load` of a key returns the same tensor and grid, bit for bit.
+- A missing or evicted key is a miss (`load` returns None), never an error; the
+  caller re-encodes.
+"""
+
+from __future__ import annotations
+
+import struct
+from abc import ABC, abstractmethod
+
+import msgspec
+import torch
+from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, to_bytes
+from epd.schemas.common import ImageEmbedding, TensorHandle
+
+
+class ECConnector(ABC):
+    @abstractmethod
+    async def exists(self, keys: list[str]) -> list[bool]:
+        """Which of these keys are in the cache now."""
+
+    @abstractmethod
+    async def save(self, key: str, embedding: torch.Tensor, grid_thw: list[int]) -> ImageEmbedding:
+        """Store an image's embedding (tokens, hidden); returns the handle messages carry."""
+
+    @abstractmethod
+    async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        """The embedding and its grid, or None on a miss."""
+
+
+class _Meta(msgspec.Struct, array_like=True):
+    tensor: TensorHandle
+    grid_thw: list[int]
+
+
+_meta_encoder = msgspec.msgpack.Encoder()
+_meta_decoder = msgspec.msgpack.Decoder(_Meta)
+
+
+def pack_entry(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple[bytes, ImageEmbedding]:
+    """A self-describing value: u32 header length, msgpack header, raw tensor bytes.
+
+    Self-describing so that a cache hit found by key alone (no encoder involved)
+    still knows its shape and grid.
+    """
+    data = to_bytes(embedding)
+    handle = handle_for(key, embedding, data)
+    header = _meta_encoder.encode(_Meta(tensor=handle, grid_thw=list(grid_thw)))
+    return struct.pack("<I", len(header)) + header + data, ImageEmbedding(
+        key=key, grid_thw=list(grid_thw), tensor=handle
+    )
+
+
+def unpack_entry(value: bytes) -> tuple[torch.Tensor, list[int]]:
+    if len(value) < 4:
+        raise TensorIntegrityError(f"encoder-cache value of {len(value)} bytes has no header")
+    (n,) = struct.unpack_from("<I", value)
+    try:
+        meta = _meta_decoder.decode(value[4 : 4 + n])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise TensorIntegrityError(f"encoder-cache header is corrupt: {e}") from None
+    return from_bytes(memoryview(value)[4 + n :], meta.tensor), meta.grid_thw

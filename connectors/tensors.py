@@ -1,0 +1,48 @@
+"""Tensors as bytes, and the checks made on every load."""
+
+from __future__ import annotations
+
+import torch
+import xxhash
+from epd.schemas.common import TensorHandle
+
+
+class TensorIntegrityError(ValueError):
+    """Loaded bytes do not match their handle (shape, dtype, size or checksum)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def to_bytes(t: torch.Tensor) -> bytes:
+    """One copy: the tensor's storage on the host, as raw bytes."""
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def checksum(data: bytes | memoryview) -> int:
+    return xxhash.xxh64_intdigest(data)
+
+
+def handle_for(key: str, t: torch.Tensor, data: bytes) -> TensorHandle:
+    return TensorHandle(
+        key=key, shape=list(t.shape), dtype=dtype_name(t.dtype), nbytes=len(data), checksum=checksum(data)
+    )
+
+
+def from_bytes(data: bytes | bytearray | memoryview, handle: TensorHandle) -> torch.Tensor:
+    """Rebuild the tensor a handle describes, refusing bytes that do not match it."""
+    dtype = getattr(torch, handle.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise TensorIntegrityError(f"{handle.key}: unknown dtype {handle.dtype!r}")
+    if len(data) != handle.nbytes:
+        raise TensorIntegrityError(f"{handle.key}: {len(data)} bytes, handle says {handle.nbytes}")
+    expected = dtype.itemsize
+    for d in handle.shape:
+        expected *= d
+    if expected != handle.nbytes:
+        raise TensorIntegrityError(f"{handle.key}: shape {handle.shape} {handle.dtype} is not {handle.nbytes} bytes")
+    if checksum(data) != handle.checksum:
+        raise TensorIntegrityError(f"{handle.key}: checksum mismatch")
+    buf = bytearray(data) if not isinstance(data, bytearray) else data
+    return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(handle.shape)

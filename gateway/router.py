@@ -1,0 +1,65 @@
+"""One router for HTTP and NATS clients: which stage a request goes to first.
+
+- text only                    -> prefill
+- images, all in the EC cache  -> prefill, with their keys (no encoder involved)
+- images, some missing         -> encode, naming only the missing ones
+- `epd` topology               -> prefill; the aggregated worker encodes what its own cache lacks
+"""
+
+from __future__ import annotations
+
+from epd.connectors.ec import ECConnector
+from epd.connectors.keys import KeySpace
+from epd.ops.tracing import tracer
+from epd.schemas import subjects
+from epd.schemas.common import ImageEmbedding
+from epd.schemas.encode import EncodeJob
+from epd.schemas.prefill import PrefillJob
+from epd.schemas.request import Request
+from epd.workers.images import BadImage, open_image
+from epd.workers.runtime import Runtime
+
+from .errors import ApiError
+
+
+class Router:
+    def __init__(self, rt: Runtime, keys: KeySpace, ec: ECConnector | None) -> None:
+        self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
+        self.model_name = rt.settings.model_name
+
+    def validate(self, req: Request) -> None:
+        if req.model != self.model_name:
+            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")  # fmt: skip
+        if not req.messages:
+            raise ApiError(400, "messages must not be empty", param="messages")
+        if req.sampling.max_tokens < 1:
+            raise ApiError(400, f"max_tokens must be at least 1, got {req.sampling.max_tokens}", param="max_tokens")
+        if req.sampling.temperature < 0:
+            raise ApiError(400, f"temperature must be >= 0, got {req.sampling.temperature}", param="temperature")
+        if not 0 < req.sampling.top_p <= 1:
+            raise ApiError(400, f"top_p must be in (0, 1], got {req.sampling.top_p}", param="top_p")
+        for i, image in enumerate(req.images()):
+            try:
+                open_image(image.data, i)
+            except BadImage as e:
+                raise ApiError(400, str(e), param="messages") from None
+
+    async def route(self, req: Request) -> str:
+        """Validate and publish; returns the subject the request went to."""
+        self.validate(req)
+        images = req.images()
+        with tracer().start_as_current_span("route", attributes={"epd.images": len(images)}) as span:
+            keys = [self.keys.key(im.data) for im in images]
+            present = await self.ec.exists(keys) if (self.ec and keys) else [False] * len(keys)
+            missing = [i for i, p in enumerate(present) if not p]
+            span.set_attribute("epd.ec_hits", len(keys) - len(missing))
+            if not keys or self.ec is None or not missing:
+                job = PrefillJob(request=req, images=[ImageEmbedding(key=k) for k in keys])
+                subject, stage = subjects.PREFILL, "prefill"
+            else:
+                job = EncodeJob(request=req, keys=keys, missing=missing)
+                subject, stage = subjects.ENCODE, "encode"
+            span.set_attribute("epd.route", stage)
+            await self.rt.publish(subject, job, req.request_id, req.reply_to, stage)
+            return subject

@@ -1,0 +1,81 @@
+"""The gateway process's core: submit a request, get its reply stream; the NATS-native API."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import nats
+from epd.connectors.ec_mooncake import MooncakeECConnector
+from epd.connectors.keys import KeySpace
+from epd.connectors.mooncake_store import MooncakeStore
+from epd.ops.config import Settings
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, WireError, encode
+from epd.schemas.control import Cancel
+from epd.schemas.reply import ErrorReply
+from epd.schemas.request import Request
+from epd.workers.runtime import Runtime
+
+from .errors import ApiError
+from .replies import ReplyStream
+from .router import Router
+
+log = logging.getLogger(__name__)
+
+
+def new_request_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+class Gateway:
+    def __init__(self, rt: Runtime, router: Router, store: MooncakeStore | None) -> None:
+        self.rt, self.router, self.store = rt, router, store
+        self.settings = rt.settings
+        self._request_decoder = Decoder(Request)
+
+    @classmethod
+    async def start(cls, settings: Settings) -> Gateway:
+        rt = await Runtime.start(settings, name="epd-gateway")
+        store = None if settings.topology == "epd" else MooncakeStore(settings, segment_mb=0)
+        ec = MooncakeECConnector(store) if store else None
+        gw = cls(rt, Router(rt, KeySpace.for_checkpoint(settings.model), ec), store)
+        await rt.nc.subscribe(subjects.REQUEST, queue="epd-gateway", cb=gw._on_nats_request)
+        return gw
+
+    async def submit(self, req: Request) -> ReplyStream:
+        """Route a request whose replies this gateway reads (HTTP clients)."""
+        req.request_id = req.request_id or new_request_id()
+        replies = await ReplyStream(self.rt.nc, req.request_id, self.settings.request_timeout_s).open()
+        req.reply_to = replies.inbox
+        try:
+            await self.router.route(req)
+        except BaseException:
+            await replies.close()
+            raise
+        return replies
+
+    async def cancel(self, request_id: str) -> None:
+        await self.rt.nc.publish(subjects.CANCEL, encode(Cancel(request_id=request_id)))
+
+    async def _on_nats_request(self, msg: nats.aio.msg.Msg) -> None:
+        """NATS-native API: the client reads chunks on its own reply subject."""
+        request_id = ""
+        try:
+            req = self._request_decoder.decode(msg.data)
+            req.request_id = req.request_id or new_request_id()
+            request_id = req.request_id
+            req.reply_to = msg.reply
+            if not msg.reply:
+                raise ApiError(400, "publish the request with a reply subject to read its tokens")
+            await self.router.route(req)
+        except (WireError, ApiError) as e:
+            status = e.status if isinstance(e, ApiError) else 400
+            if msg.reply:
+                await self.rt.reply(msg.reply, ErrorReply(request_id=request_id, status=status, message=str(e),
+                                                          type="invalid_request_error"))  # fmt: skip
+
+    async def close(self) -> None:
+        await self.rt.close()
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,145 @@
+"""The `epd` command: up, worker, gateway, trace, make-tiny-model."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from epd.ops.config import ROLES, TOPOLOGIES, Settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    changes = {
+        k: v
+        for k, v in {
+            "model": args.model,
+            "served_model_name": args.served_model_name,
+            "topology": getattr(args, "topology", None),
+            "nats_url": args.nats_url,
+            "mooncake_master": args.mooncake_master,
+            "mooncake_metadata": args.mooncake_metadata,
+            "host": args.host,
+            "port": args.port,
+            "device": args.device,
+            "dtype": args.dtype,
+            "trace_dir": args.trace_dir,
+        }.items()
+        if v is not None
+    }
+    return Settings(**changes)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, help="checkpoint directory (EPD_MODEL)")
+    p.add_argument("--served-model-name", help="name clients use (EPD_SERVED_MODEL_NAME; default: folder name)")
+    p.add_argument("--nats-url", help="an existing NATS server (EPD_NATS_URL)")
+    p.add_argument("--mooncake-master", help="an existing Mooncake master host:port (EPD_MOONCAKE_MASTER)")
+    p.add_argument("--mooncake-metadata", help="its HTTP metadata URL (EPD_MOONCAKE_METADATA)")
+    p.add_argument("--host", help="HTTP bind address (EPD_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="HTTP port (EPD_PORT, default 8000)")
+    p.add_argument("--device", help="cpu, cuda:N or npu:N (EPD_DEVICE)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (EPD_DTYPE)")
+    p.add_argument("--trace-dir", help="write spans as JSON lines here (EPD_TRACE_DIR)")
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="epd", description="encode / prefill / decode disaggregated serving")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="NATS, Mooncake master, gateway and workers on this machine")
+    _common(up)
+    up.add_argument("--topology", choices=TOPOLOGIES, help="epd, e-pd or e-p-d (EPD_TOPOLOGY, default e-p-d)")
+    up.add_argument("--workdir", type=Path, default=Path(".epd"), help="logs, traces, NATS data (default .epd)")
+    up.add_argument("--encoders", type=int, default=1)
+    up.add_argument("--prefills", type=int, default=1)
+    up.add_argument("--decoders", type=int, default=1)
+
+    w = sub.add_parser("worker", help="run one worker")
+    w.add_argument("role", choices=ROLES)
+    _common(w)
+    w.add_argument("--topology", choices=TOPOLOGIES)
+
+    g = sub.add_parser("gateway", help="run the HTTP and NATS gateway")
+    _common(g)
+    g.add_argument("--topology", choices=TOPOLOGIES)
+
+    t = sub.add_parser("trace", help="print a request's spans as a tree")
+    t.add_argument("request_id", help="the `id` of a chat completion response, or a trace id")
+    t.add_argument("--dir", type=Path, help="span files (default EPD_TRACE_DIR or .epd/traces)")
+
+    m = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2-VL checkpoint")
+    m.add_argument("out", type=Path)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "trace":
+        return _trace(args)
+    if args.command == "make-tiny-model":
+        from epd.ops.tiny_model import build_tiny_qwen2_vl
+
+        print(build_tiny_qwen2_vl(args.out))
+        return 0
+    try:
+        settings = _settings(args)
+    except ValueError as e:
+        print(f"epd: {e}", file=sys.stderr)
+        return 2
+    if args.command == "up":
+        return _up(args, settings)
+    if args.command == "worker":
+        from epd.workers.main import run_worker
+
+        asyncio.run(run_worker(args.role, settings))
+        return 0
+    if args.command == "gateway":
+        import uvicorn
+        from epd.gateway.app import create_app
+        from epd.ops.tracing import setup_tracing
+
+        provider = setup_tracing("epd-gateway", settings.trace_dir)
+        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
+        provider.shutdown()
+        return 0
+    return 2
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> int:
+    from epd.ops.up import run_up
+
+    workdir = args.workdir.resolve()
+    if not settings.trace_dir:
+        settings = settings.replace(trace_dir=str(workdir / "traces"))
+    if not (settings.model / "config.json").exists():
+        if args.model is not None:
+            print(f"epd: {settings.model} is not a checkpoint directory (no config.json)", file=sys.stderr)
+            return 2
+        from epd.ops.tiny_model import build_tiny_qwen2_vl
+
+        print(f"epd up: building the demo checkpoint at {settings.model}", flush=True)
+        build_tiny_qwen2_vl(settings.model)
+    counts = {"encode": args.encoders, "prefill": args.prefills, "decode": args.decoders, "pd": args.prefills}
+    return run_up(settings, workdir, counts)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    import os
+
+    from epd.ops.trace_view import load_spans, render_tree, spans_for_request
+
+    trace_dir = args.dir or Path(os.environ.get("EPD_TRACE_DIR") or ".epd/traces")
+    spans = spans_for_request(load_spans(trace_dir), args.request_id)
+    if not spans:
+        print(f"epd trace: no spans for {args.request_id} in {trace_dir}", file=sys.stderr)
+        return 1
+    print(render_tree(spans))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Every setting in one frozen place: name, environment variable, default.
+
+The CLI's flags default to the environment, so `epd up`, `epd worker` and the
+docker-compose services share one configuration surface (see README's table).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TOPOLOGIES = ("epd", "e-pd", "e-p-d")
+ROLES = ("encode", "prefill", "decode", "pd", "epd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, default)
+
+
+def default_model_dir() -> Path:
+    return Path(_env("EPD_MODEL", str(Path.cwd() / ".cache" / "models" / "tiny-qwen2-vl")))
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a process of epd reads. Validated on construction."""
+
+    model: Path = field(default_factory=default_model_dir)
+    served_model_name: str = field(default_factory=lambda: _env("EPD_SERVED_MODEL_NAME", ""))
+    topology: str = field(default_factory=lambda: _env("EPD_TOPOLOGY", "e-p-d"))
+    nats_url: str = field(default_factory=lambda: _env("EPD_NATS_URL", ""))
+    mooncake_master: str = field(default_factory=lambda: _env("EPD_MOONCAKE_MASTER", ""))
+    mooncake_metadata: str = field(default_factory=lambda: _env("EPD_MOONCAKE_METADATA", ""))
+    mooncake_segment_mb: int = field(default_factory=lambda: int(_env("EPD_MOONCAKE_SEGMENT_MB", "256")))
+    bind_host: str = field(default_factory=lambda: _env("EPD_BIND_HOST", "127.0.0.1"))
+    host: str = field(default_factory=lambda: _env("EPD_HOST", "127.0.0.1"))
+    port: int = field(default_factory=lambda: int(_env("EPD_PORT", "8000")))
+    device: str = field(default_factory=lambda: _env("EPD_DEVICE", "cpu"))
+    dtype: str = field(default_factory=lambda: _env("EPD_DTYPE", "float32"))
+    request_timeout_s: float = field(default_factory=lambda: float(_env("EPD_REQUEST_TIMEOUT_S", "300")))
+    ack_wait_s: float = field(default_factory=lambda: float(_env("EPD_ACK_WAIT_S", "30")))
+    max_deliver: int = field(default_factory=lambda: int(_env("EPD_MAX_DELIVER", "3")))
+    trace_dir: str = field(default_factory=lambda: _env("EPD_TRACE_DIR", ""))
+
+    def __post_init__(self) -> None:
+        if self.topology not in TOPOLOGIES:
+            raise ValueError(f"topology {self.topology!r} is not one of {', '.join(TOPOLOGIES)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port {self.port} is out of range 1..65535")
+        if self.mooncake_segment_mb < 0:
+            raise ValueError(f"mooncake segment size {self.mooncake_segment_mb} MB is negative")
+        if self.max_deliver < 1:
+            raise ValueError(f"max_deliver {self.max_deliver} must be at least 1")
+        object.__setattr__(self, "model", Path(self.model))
+
+    @property
+    def model_name(self) -> str:
+        """The name clients put in `model`: the flag, else the checkpoint folder's name."""
+        return self.served_model_name or self.model.name
+
+    def replace(self, **changes: object) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def env(self) -> dict[str, str]:
+        """The settings as environment variables, for child processes."""
+        out = {
+            "EPD_MODEL": str(self.model),
+            "EPD_TOPOLOGY": self.topology,
+            "EPD_NATS_URL": self.nats_url,
+            "EPD_MOONCAKE_MASTER": self.mooncake_master,
+            "EPD_MOONCAKE_METADATA": self.mooncake_metadata,
+            "EPD_MOONCAKE_SEGMENT_MB": str(self.mooncake_segment_mb),
+            "EPD_BIND_HOST": self.bind_host,
+            "EPD_HOST": self.host,
+            "EPD_PORT": str(self.port),
+            "EPD_DEVICE": self.device,
+            "EPD_DTYPE": self.dtype,
+            "EPD_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
+            "EPD_ACK_WAIT_S": str(self.ack_wait_s),
+            "EPD_MAX_DELIVER": str(self.max_deliver),
+            "EPD_TRACE_DIR": self.trace_dir,
+        }
+        if self.served_model_name:
+            out["EPD_SERVED_MODEL_NAME"] = self.served_model_name
+        return out

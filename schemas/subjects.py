@@ -1,0 +1,19 @@
+"""NATS subjects and JetStream streams, versioned with the wire schemas."""
+
+from __future__ import annotations
+
+from epd.schemas.common import WIRE_VERSION
+
+PREFIX = f"epd.{WIRE_VERSION}"
+REQUEST = f"{PREFIX}.request"  # NATS-native API: publish a Request with a reply subject
+ENCODE = f"{PREFIX}.encode"
+PREFILL = f"{PREFIX}.prefill"
+DECODE = f"{PREFIX}.decode"
+CANCEL = f"{PREFIX}.cancel"
+
+# stream name -> subject; one durable work-queue stream per stage
+STREAMS = {"EPD_ENCODE": ENCODE, "EPD_PREFILL": PREFILL, "EPD_DECODE": DECODE}
+
+# headers
+REPLY_HEADER = "Epd-Reply-To"  # so that even an undecodable message can be answered
+REQUEST_ID_HEADER = "Epd-Request-Id"

@@ -1,0 +1,103 @@
+"""Decode: generate tokens from a prefilled KV cache and stream them to the client.
+
+`generate_tokens` is the core shared by the decode stage (KV arrives from a prefill
+worker) and the pd / epd roles (KV never leaves the process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from epd.connectors.kv import KVConnector
+from epd.ops.tracing import tracer
+from epd.schemas import subjects
+from epd.schemas.common import FinishReason, SamplingParams, Usage
+from epd.schemas.decode import KVReady
+from epd.schemas.reply import TokenChunk
+from epd.workers.engine.checkpoint import Checkpoint
+from epd.workers.engine.detokenizer import Detokenizer
+from epd.workers.engine.family import DecodeState, Family
+from epd.workers.engine.sampling import sample
+from epd.workers.runtime import Runtime
+
+
+@dataclass
+class Generation:
+    """One request's progress: the first token comes from prefill."""
+
+    request_id: str
+    reply_to: str
+    sampling: SamplingParams
+    prompt_tokens: int
+    tokens: list[int]
+    detok: Detokenizer
+    seq: int = 1  # chunk 0 was the first token
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+
+def finish_reason(token: int, gen_tokens: int, total_tokens: int, params: SamplingParams,
+                  eos: set[int], max_len: int) -> FinishReason | None:  # fmt: skip
+    if token in eos:
+        return FinishReason.STOP
+    if gen_tokens >= params.max_tokens or total_tokens >= max_len:
+        return FinishReason.LENGTH
+    return None
+
+
+def chunk(gen: Generation, seq: int, token: int, text: str, reason: FinishReason | None) -> TokenChunk:
+    usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens)) if reason else None
+    return TokenChunk(request_id=gen.request_id, seq=seq, token_ids=[token], text=text, finish_reason=reason, usage=usage)
+
+
+class Decoder:
+    """Runs generations on one family; replies go through the runtime."""
+
+    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family) -> None:
+        self.rt, self.family = rt, family
+        self.eos = ckpt.eos_token_ids()
+        self.max_len = ckpt.max_model_len()
+
+    async def generate(self, gen: Generation, state: DecodeState) -> None:
+        with tracer().start_as_current_span("decode", attributes={"epd.request_id": gen.request_id}) as span:
+            while True:
+                if gen.request_id in self.rt.cancelled:
+                    await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, gen.tokens[-1], "", FinishReason.ABORT))
+                    break
+                logits = await asyncio.to_thread(self.family.decode, state, gen.tokens[-1])
+                token = sample(logits, gen.sampling, state.position)
+                gen.tokens.append(token)
+                reason = finish_reason(token, len(gen.tokens), gen.prompt_tokens + len(gen.tokens),
+                                       gen.sampling, self.eos, self.max_len)  # fmt: skip
+                await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, gen.detok.push([token]), reason))
+                gen.seq += 1
+                if reason:
+                    break
+            span.set_attribute("gen_ai.usage.output_tokens", len(gen.tokens))
+            span.set_attribute("gen_ai.usage.input_tokens", gen.prompt_tokens)
+
+
+class DecodeStage:
+    name = "decode"
+    subject = subjects.DECODE
+    message_type = KVReady
+
+    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family, kv: KVConnector, capacity: int = 1) -> None:
+        self.rt, self.ckpt, self.family, self.kv, self.capacity = rt, ckpt, family, kv, capacity
+        self.decoder = Decoder(rt, ckpt, family)
+
+    async def handle(self, job: KVReady) -> None:
+        with tracer().start_as_current_span("kv.recv", attributes={"epd.bytes": job.kv.nbytes}):
+            kv = await self.kv.recv(job.kv)
+        await self.kv.release(job.kv)
+        state = self.family.start_decode(kv, job.rope_delta)
+        gen = Generation(
+            request_id=job.request_id,
+            reply_to=job.reply_to,
+            sampling=job.sampling,
+            prompt_tokens=job.prompt_tokens,
+            tokens=[job.first_token],
+            detok=Detokenizer(self.ckpt.tokenizer, [job.first_token]),
+        )
+        await self.decoder.generate(gen, state)

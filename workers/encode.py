@@ -1,0 +1,50 @@
+"""Encode stage: compute the embeddings a request's images lack, save them, hand over to prefill."""
+
+from __future__ import annotations
+
+import asyncio
+
+from epd.connectors.ec import ECConnector
+from epd.ops.tracing import tracer
+from epd.schemas import subjects
+from epd.schemas.common import ImageEmbedding
+from epd.schemas.encode import EmbeddingReady, EncodeJob
+from epd.workers.engine.family import Family
+from epd.workers.images import BadImage, open_image
+from epd.workers.loop import RequestFailed
+from epd.workers.runtime import Runtime
+
+
+async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list[ImageEmbedding]:
+    """Encode `job.missing` in one forward, save each; returns refs for every image of the request."""
+    images = job.request.images()
+    try:
+        pictures = [open_image(images[i].data, i) for i in job.missing]
+    except BadImage as e:
+        raise RequestFailed(400, str(e)) from None
+    refs = [ImageEmbedding(key=k) for k in job.keys]
+    if not pictures:
+        return refs
+    with tracer().start_as_current_span("encode", attributes={"epd.images": len(pictures)}):
+        encoded = await asyncio.to_thread(family.encode, pictures)
+    for i, enc in zip(job.missing, encoded):
+        with tracer().start_as_current_span("ec.save") as span:
+            refs[i] = await ec.save(job.keys[i], enc.embedding, enc.grid_thw)
+            span.set_attribute("epd.bytes", refs[i].tensor.nbytes if refs[i].tensor else 0)
+    return refs
+
+
+class EncodeStage:
+    name = "encode"
+    subject = subjects.ENCODE
+    message_type = EncodeJob
+
+    def __init__(self, rt: Runtime, family: Family, ec: ECConnector, capacity: int = 1) -> None:
+        self.rt, self.family, self.ec, self.capacity = rt, family, ec, capacity
+
+    async def handle(self, job: EncodeJob) -> None:
+        refs = await encode_images(self.family, self.ec, job)
+        req = job.request
+        await self.rt.publish(
+            subjects.PREFILL, EmbeddingReady(request=req, images=refs), req.request_id, req.reply_to, "prefill"
+        )

@@ -1,0 +1,24 @@
+"""Incremental detokenization: text deltas that never split a multi-byte character."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class Detokenizer:
+    def __init__(self, tokenizer: Any, ids: list[int] | None = None) -> None:
+        self._tok = tokenizer
+        self.ids: list[int] = []
+        self._emitted = ""
+        if ids:
+            self.push(ids)
+
+    def push(self, ids: list[int]) -> str:
+        """Add tokens; returns the text they complete (may be empty while a character is partial)."""
+        self.ids.extend(ids)
+        text = self._tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        delta = text[len(self._emitted) :] if text.startswith(self._emitted) else text
+        self._emitted = text
+        return delta

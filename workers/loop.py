@@ -1,0 +1,123 @@
+"""The JetStream worker loop, written once for every role.
+
+1. fetch at most as many messages as there are free slots (pull = least-loaded dispatch);
+2. run each in its own task, telling JetStream `in_progress` while it works;
+3. ack once the stage's output is published, or answer the client with an error and ack.
+
+A message that crashes its process is redelivered after `ack_wait`, up to `max_deliver` times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Protocol
+
+import nats
+from epd.ops.tracing import extract_context, tracer
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, WireError
+from epd.schemas.reply import ErrorReply
+from epd.workers.runtime import Runtime
+from nats.js.api import AckPolicy, ConsumerConfig
+from opentelemetry import trace
+from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+
+log = logging.getLogger(__name__)
+
+
+class RequestFailed(Exception):
+    """A request cannot be served; `status` and message go to its client."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status = status
+        self.type = type_
+
+
+class Stage(Protocol):
+    """A role's pure part: what it consumes and how it handles one decoded message."""
+
+    name: str  # durable consumer name, shared by every worker of this stage
+    subject: str
+    capacity: int
+    message_type: Any
+
+    async def handle(self, job: Any) -> None: ...
+
+
+class StageLoop:
+    def __init__(self, stage: Stage, rt: Runtime) -> None:
+        self.stage = stage
+        self.rt = rt
+        self._decoder: Decoder = Decoder(stage.message_type)
+        self._tasks: set[asyncio.Task] = set()
+        self._stopping = asyncio.Event()
+
+    async def run(self) -> None:
+        s = self.rt.settings
+        sub = await self.rt.js.pull_subscribe(
+            self.stage.subject,
+            durable=self.stage.name,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=s.ack_wait_s, max_deliver=s.max_deliver, max_ack_pending=-1
+            ),
+        )
+        log.info("%s: consuming %s (capacity %d)", self.stage.name, self.stage.subject, self.stage.capacity)
+        while not self._stopping.is_set():
+            free = self.stage.capacity - len(self._tasks)
+            if free <= 0:
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            try:
+                msgs = await sub.fetch(free, timeout=1.0)
+            except nats.errors.TimeoutError:
+                continue
+            for msg in msgs:
+                task = asyncio.create_task(self._process(msg))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        if self._tasks:  # drain: finish what was accepted
+            await asyncio.wait(self._tasks)
+        await sub.unsubscribe()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def _process(self, msg: nats.aio.msg.Msg) -> None:
+        headers = msg.headers or {}
+        request_id = headers.get(subjects.REQUEST_ID_HEADER, "")
+        reply_to = headers.get(subjects.REPLY_HEADER, "")
+        attempt = msg.metadata.num_delivered
+        links = [Link(trace.get_current_span(extract_context(headers)).get_span_context())] if attempt > 1 else []
+        with tracer().start_as_current_span(
+            f"{self.stage.name} {self.stage.subject}",
+            context=extract_context(headers),
+            kind=SpanKind.CONSUMER,
+            links=links,
+            attributes={"epd.request_id": request_id, "epd.stage": self.stage.name, "epd.attempt": attempt},
+        ) as span:
+            keepalive = asyncio.create_task(self._keep_alive(msg))
+            try:
+                await self.stage.handle(self._decoder.decode(msg.data))
+            except WireError as e:
+                await self._fail(span, request_id, reply_to, 400, str(e), "invalid_request_error")
+            except RequestFailed as e:
+                await self._fail(span, request_id, reply_to, e.status, str(e), e.type)
+            except Exception as e:  # the per-request error boundary: this request fails, the worker serves on
+                log.exception("%s: request %s failed", self.stage.name, request_id)
+                await self._fail(span, request_id, reply_to, 500, f"{type(e).__name__}: {e}", "server_error")
+            finally:
+                keepalive.cancel()
+            await msg.ack()
+
+    async def _keep_alive(self, msg: nats.aio.msg.Msg) -> None:
+        while True:
+            await asyncio.sleep(self.rt.settings.ack_wait_s / 3)
+            await msg.in_progress()
+
+    async def _fail(self, span: trace.Span, request_id: str, reply_to: str, status: int, message: str, type_: str) -> None:
+        span.set_status(Status(StatusCode.ERROR, message))
+        log.warning("%s: request %s -> %d %s", self.stage.name, request_id, status, message)
+        error = ErrorReply(request_id=request_id, seq=-1, status=status, message=message, type=type_)
+        await self.rt.reply(reply_to, error)

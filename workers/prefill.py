@@ -1,0 +1,118 @@
+"""Prefill stage: embeddings in, prompt through the language model, first token out, KV handed to decode."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+from epd.connectors.ec import ECConnector
+from epd.connectors.kv import KVConnector
+from epd.ops.tracing import tracer
+from epd.schemas import subjects
+from epd.schemas.common import ImageEmbedding
+from epd.schemas.decode import KVReady
+from epd.schemas.encode import EmbeddingReady, EncodeJob
+from epd.schemas.prefill import PrefillJob
+from epd.schemas.request import Request
+from epd.workers.decode import Decoder, Generation, chunk, finish_reason
+from epd.workers.encode import encode_images
+from epd.workers.engine.checkpoint import Checkpoint
+from epd.workers.engine.detokenizer import Detokenizer
+from epd.workers.engine.family import Encoded, Family, Prefilled
+from epd.workers.engine.prompt import PromptError, build_prompt
+from epd.workers.engine.sampling import sample
+from epd.workers.loop import RequestFailed
+from epd.workers.runtime import Runtime
+
+# After prefill: (generation, prefill output) -> decoding continues somewhere.
+Handoff = Callable[[Generation, Prefilled], Awaitable[None]]
+
+
+class PrefillStage:
+    name = "prefill"
+    subject = subjects.PREFILL
+    message_type = PrefillJob | EmbeddingReady
+
+    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family, ec: ECConnector, handoff: Handoff,
+                 inline_encode: bool = False, capacity: int = 1) -> None:  # fmt: skip
+        self.rt, self.ckpt, self.family, self.ec = rt, ckpt, family, ec
+        self.handoff, self.inline_encode, self.capacity = handoff, inline_encode, capacity
+        self.eos = ckpt.eos_token_ids()
+        self.max_len = ckpt.max_model_len()
+
+    async def handle(self, job: PrefillJob | EmbeddingReady) -> None:
+        req = job.request
+        if req.request_id in self.rt.cancelled:
+            return
+        images = await self._embeddings(job)
+        if images is None:  # sent back to the encoders
+            return
+        try:
+            n_image_tokens = [self.family.image_tokens(im.grid_thw) for im in images]
+            ids = build_prompt(self.ckpt.tokenizer, self.ckpt.chat_template, req.messages, n_image_tokens,
+                               self.family.image_token_id)  # fmt: skip
+        except PromptError as e:
+            raise RequestFailed(400, str(e)) from None
+        if len(ids) >= self.max_len:
+            raise RequestFailed(400, f"prompt is {len(ids)} tokens; the model's maximum length is {self.max_len}")
+        with tracer().start_as_current_span("prefill.forward", attributes={"gen_ai.usage.input_tokens": len(ids)}):
+            out = await asyncio.to_thread(self.family.prefill, ids, images)
+        first = sample(out.logits, req.sampling, len(ids))
+        gen = Generation(req.request_id, req.reply_to, req.sampling, len(ids), [first],
+                         Detokenizer(self.ckpt.tokenizer))  # fmt: skip
+        reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
+        await self.rt.reply(req.reply_to, chunk(gen, 0, first, gen.detok.push([first]), reason))
+        if reason is None:
+            await self.handoff(gen, out)
+
+    async def _embeddings(self, job: PrefillJob | EmbeddingReady) -> list[Encoded] | None:
+        """Every image's embedding, from the cache or encoded inline; None if re-routed to encoders."""
+        refs: list[ImageEmbedding] = job.images
+        loaded: list[Encoded | None] = []
+        for ref in refs:
+            with tracer().start_as_current_span("ec.load", attributes={"epd.key": ref.key}) as span:
+                hit = await self.ec.load(ref.key)
+                span.set_attribute("epd.hit", hit is not None)
+            loaded.append(None if hit is None else Encoded(*hit))
+        missing = [i for i, e in enumerate(loaded) if e is None]
+        if not missing:
+            return loaded  # type: ignore[return-value]
+        encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)
+        if self.inline_encode:
+            refs = await encode_images(self.family, self.ec, encode_job)
+            return await self._embeddings(PrefillJob(request=job.request, images=refs))
+        if isinstance(job, EmbeddingReady):  # just encoded and already gone: do not loop
+            raise RequestFailed(503, f"embeddings of images {missing} vanished from the encoder cache", "server_error")
+        req: Request = job.request
+        await self.rt.publish(subjects.ENCODE, encode_job, req.request_id, req.reply_to, "encode-again")
+        return None
+
+
+def remote_decode(rt: Runtime, kv: KVConnector) -> Handoff:
+    """e-p-d: ship the KV through the connector and tell the decoders."""
+
+    async def handoff(gen: Generation, out: Prefilled) -> None:
+        with tracer().start_as_current_span("kv.send", attributes={"epd.bytes": out.kv.numel() * out.kv.element_size()}):
+            handle = await kv.send(gen.request_id, out.kv)
+        ready = KVReady(
+            request_id=gen.request_id,
+            reply_to=gen.reply_to,
+            model=rt.settings.model_name,
+            sampling=gen.sampling,
+            prompt_tokens=gen.prompt_tokens,
+            first_token=gen.tokens[0],
+            rope_delta=out.rope_delta,
+            kv=handle,
+        )
+        await rt.publish(subjects.DECODE, ready, gen.request_id, gen.reply_to, "decode")
+
+    return handoff
+
+
+def local_decode(decoder: Decoder, family: Family) -> Handoff:
+    """pd / epd: decode in this process, the KV stays where it is."""
+
+    async def handoff(gen: Generation, out: Prefilled) -> None:
+        await decoder.generate(gen, family.start_decode(out.kv, out.rope_delta))
+
+    return handoff

@@ -1,0 +1,105 @@
+"""What every worker process shares: the NATS connection, streams, publishing, replies, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+import nats
+from epd.ops.config import Settings
+from epd.ops.infra import NATS_MAX_PAYLOAD
+from epd.ops.tracing import inject_headers
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, encode
+from epd.schemas.control import Cancel
+from epd.schemas.reply import ErrorReply, TokenChunk
+from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError
+
+log = logging.getLogger(__name__)
+
+
+async def connect(settings: Settings, name: str) -> nats.NATS:
+    if not settings.nats_url:
+        raise ValueError("no NATS server: pass --nats-url or set EPD_NATS_URL")
+    return await nats.connect(settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+
+
+async def ensure_streams(js: nats.js.JetStreamContext) -> None:
+    """Create the per-stage work-queue streams; idempotent, any process may call it."""
+    for name, subject in subjects.STREAMS.items():
+        cfg = StreamConfig(
+            name=name,
+            subjects=[subject],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_msg_size=NATS_MAX_PAYLOAD,
+            duplicate_window=120.0,
+        )
+        try:
+            await js.add_stream(cfg)
+        except BadRequestError:  # exists with another config: bring it to ours
+            await js.update_stream(cfg)
+
+
+class Cancellations:
+    """Request ids cancelled recently; entries expire so the set stays small."""
+
+    def __init__(self, ttl_s: float = 600.0) -> None:
+        self._ttl_s = ttl_s
+        self._ids: dict[str, float] = {}
+
+    def add(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._ids = {k: t for k, t in self._ids.items() if now - t < self._ttl_s}
+        self._ids[request_id] = now
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._ids
+
+
+class Runtime:
+    """A worker's I/O: publish to a stage, reply to a client, hear cancels."""
+
+    def __init__(self, settings: Settings, nc: nats.NATS) -> None:
+        self.settings = settings
+        self.nc = nc
+        self.js = nc.jetstream()
+        self.cancelled = Cancellations()
+        self._cancel_decoder = Decoder(Cancel)
+
+    @classmethod
+    async def start(cls, settings: Settings, name: str) -> Runtime:
+        rt = cls(settings, await connect(settings, name))
+        await ensure_streams(rt.js)
+        await rt.nc.subscribe(subjects.CANCEL, cb=rt._on_cancel)
+        return rt
+
+    async def _on_cancel(self, msg: nats.aio.msg.Msg) -> None:
+        try:
+            self.cancelled.add(self._cancel_decoder.decode(msg.data).request_id)
+        except ValueError as e:
+            log.warning("ignoring bad cancel message: %s", e)
+
+    async def publish(self, subject: str, msg: msgspec.Struct, request_id: str, reply_to: str, stage: str) -> None:
+        """Publish a job to a stage's stream; returns once JetStream has stored it."""
+        headers = inject_headers(
+            {
+                "Nats-Msg-Id": f"{request_id}:{stage}",
+                subjects.REQUEST_ID_HEADER: request_id,
+                subjects.REPLY_HEADER: reply_to,
+            }
+        )
+        await self.js.publish(subject, encode(msg), headers=headers)
+
+    async def reply(self, reply_to: str, msg: TokenChunk | ErrorReply) -> None:
+        if reply_to:
+            await self.nc.publish(reply_to, encode(msg), headers=inject_headers())
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=5)
+        except (asyncio.TimeoutError, nats.errors.Error):
+            await self.nc.close()
