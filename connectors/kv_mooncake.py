@@ -18,7 +18,7 @@ KEY_PREFIX = "epd/kv/"
 class MooncakeStoreKVConnector(KVConnector):
     def __init__(self, store: MooncakeStore, lease_wait_s: float = 0.25) -> None:
         self._store = store
-        self._lease_wait_s = lease_wait_s  # a read pins the key for the master's lease TTL
+        self._lease_wait_s = lease_wait_s  # reads (and existence checks) pin a key for the lease TTL
         self._pending: set[asyncio.Task] = set()
 
     async def send(self, request_id: str, kv: torch.Tensor) -> TensorHandle:
@@ -41,6 +41,6 @@ class MooncakeStoreKVConnector(KVConnector):
     async def _remove_after_lease(self, key: str, attempts: int = 20) -> None:
         for _ in range(attempts):
             await asyncio.sleep(self._lease_wait_s)
-            if await self._store.remove(key) or not (await self._store.exists([key]))[0]:
+            if await self._store.remove(key):
                 return
         log.warning("KV block %s still in the store after %d removal attempts", key, attempts)

@@ -8,7 +8,7 @@ import os
 from epd.ops.config import Settings
 
 # Mooncake Store return codes seen on misses: the key was never there, or was evicted.
-_MISSING = (-704, -706)
+_MISSING = (-704,)  # OBJECT_NOT_FOUND; -706 is a read lease still pinning the key
 
 
 class StoreError(RuntimeError):
@@ -56,8 +56,9 @@ class MooncakeStore:
         return data or None
 
     async def remove(self, key: str) -> bool:
+        """True once the key is gone (removed now or already missing); False while a lease pins it."""
         rc = await asyncio.to_thread(self._store.remove, key)
-        return rc == 0
+        return rc == 0 or rc in _MISSING
 
     def close(self) -> None:
         self._store.close()

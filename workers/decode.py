@@ -70,7 +70,7 @@ class Decoder:
                 gen.tokens.append(token)
                 reason = finish_reason(token, len(gen.tokens), gen.prompt_tokens + len(gen.tokens),
                                        gen.sampling, self.eos, self.max_len)  # fmt: skip
-                await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, gen.detok.push([token]), reason))
+                await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, gen.detok.push([token], reason is not None), reason))
                 gen.seq += 1
                 if reason:
                     break

@@ -13,11 +13,11 @@ class Detokenizer:
         if ids:
             self.push(ids)
 
-    def push(self, ids: list[int]) -> str:
-        """Add tokens; returns the text they complete (may be empty while a character is partial)."""
+    def push(self, ids: list[int], final: bool = False) -> str:
+        """Add tokens; returns the text they complete (empty while a character is partial, unless final)."""
         self.ids.extend(ids)
         text = self._tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
+        if text.endswith("\ufffd") and not final:
             return ""
         delta = text[len(self._emitted) :] if text.startswith(self._emitted) else text
         self._emitted = text

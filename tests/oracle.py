@@ -1,0 +1,42 @@
+"""The correctness oracle: transformers' own `generate`, greedy, on the same inputs.
+
+Built from the checkpoint's tokenizer, chat template and image processor only,
+independently of the project's prompt code.
+"""
+
+from __future__ import annotations
+
+import io
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoTokenizer
+
+
+@lru_cache(maxsize=2)
+def _load(model_dir: str):  # noqa: ANN202
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
+
+
+def reference(model_dir: Path, question: str, image: bytes | None, max_new_tokens: int) -> tuple[list[int], str]:
+    """Greedy token ids (EOS included when reached) and their text."""
+    model, tok, proc = _load(str(model_dir))
+    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
+    kwargs = {}
+    if image:
+        pix = proc(images=[Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt")
+        n = int(pix["image_grid_thw"].prod()) // model.config.vision_config.spatial_merge_size**2
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
+        kwargs = {"pixel_values": pix["pixel_values"], "image_grid_thw": pix["image_grid_thw"]}
+    ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+    if image:
+        kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, **kwargs)  # fmt: skip
+    new = out[0, ids.shape[1] :].tolist()
+    return new, tok.decode(new, skip_special_tokens=True)

@@ -1,0 +1,81 @@
+"""The engine's three operations against transformers' generate, without NATS."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from epd.schemas.common import ImagePart, Message, SamplingParams, TextPart
+from epd.workers.engine import load_family
+from epd.workers.engine.checkpoint import Checkpoint, CheckpointError
+from epd.workers.engine.detokenizer import Detokenizer
+from epd.workers.engine.prompt import PromptError, build_prompt
+from epd.workers.engine.sampling import sample
+
+from .conftest import png_bytes
+from .oracle import reference
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path):  # noqa: ANN201
+    ckpt = Checkpoint.open(tiny_model)
+    return ckpt, load_family(ckpt)
+
+
+def run_greedy(ckpt, family, question: str, image: bytes | None, max_new: int) -> list[int]:  # noqa: ANN001
+    content = ([ImagePart(data=image)] if image else []) + [TextPart(text=question)]
+    encoded = family.encode([Image.open(__import__("io").BytesIO(image)).convert("RGB")]) if image else []
+    ids = build_prompt(ckpt.tokenizer, ckpt.chat_template, [Message(role="user", content=content)],
+                       [family.image_tokens(e.grid_thw) for e in encoded], family.image_token_id)  # fmt: skip
+    out = family.prefill(ids, encoded)
+    tokens = [int(torch.argmax(out.logits))]
+    state = family.start_decode(out.kv.clone(), out.rope_delta)  # as if shipped to another process
+    while len(tokens) < max_new and tokens[-1] not in ckpt.eos_token_ids():
+        tokens.append(int(torch.argmax(family.decode(state, tokens[-1]))))
+    return tokens
+
+
+@pytest.mark.parametrize("size", [(100, 80), (56, 56), (200, 120)])
+def test_image_prompt_matches_generate(engine, tiny_model: Path, size: tuple[int, int]) -> None:  # noqa: ANN001
+    image = png_bytes(size=size, color=(30, 200, 90), shape="circle")
+    expected, _ = reference(tiny_model, "What shape is it?", image, 16)
+    assert run_greedy(*engine, "What shape is it?", image, 16) == expected
+
+
+def test_text_prompt_matches_generate(engine, tiny_model: Path) -> None:  # noqa: ANN001
+    expected, _ = reference(tiny_model, "Hello, how are you today?", None, 16)
+    assert run_greedy(*engine, "Hello, how are you today?", None, 16) == expected
+
+
+def test_prompt_rejects_image_count_mismatch(engine) -> None:  # noqa: ANN001
+    ckpt, family = engine
+    msgs = [Message(role="user", content=[ImagePart(data=b""), TextPart(text="hi")])]
+    with pytest.raises(PromptError, match="1 image placeholders for 2 images"):
+        build_prompt(ckpt.tokenizer, ckpt.chat_template, msgs, [4, 4], family.image_token_id)
+
+
+def test_unsupported_checkpoint_names_supported_families(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
+    with pytest.raises(CheckpointError, match="Qwen2-VL"):
+        Checkpoint.open(tmp_path)
+
+
+def test_seeded_sampling_is_reproducible_and_greedy_is_argmax() -> None:
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(1))
+    p = SamplingParams(temperature=1.0, seed=7)
+    draws = [sample(logits, p, pos) for pos in range(20)]
+    assert draws == [sample(logits, p, pos) for pos in range(20)]
+    assert len(set(draws)) > 1  # it does sample
+    assert sample(logits, SamplingParams(temperature=0.0), 0) == int(torch.argmax(logits))
+    top = sample(logits, SamplingParams(temperature=1.0, top_p=1e-6, seed=1), 0)
+    assert top == int(torch.argmax(logits))  # top_p this small keeps the top token only
+
+
+def test_detokenizer_deltas_add_up_to_the_whole_text(engine) -> None:  # noqa: ANN001
+    ckpt, _ = engine
+    ids = ckpt.tokenizer("The shape is a red circle, é ü!", add_special_tokens=False)["input_ids"]
+    d = Detokenizer(ckpt.tokenizer)
+    assert "".join(d.push([i]) for i in ids) == ckpt.tokenizer.decode(ids)

@@ -1,0 +1,81 @@
+"""The JetStream worker loop against a real NATS server, with a stand-in stage."""
+
+import asyncio
+
+import nats
+import pytest
+
+from epd.ops.config import Settings
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, encode
+from epd.schemas.control import Cancel
+from epd.schemas.reply import ErrorReply, Reply, TokenChunk
+from epd.workers.loop import RequestFailed, StageLoop
+from epd.workers.runtime import Runtime
+
+pytestmark = pytest.mark.integration
+
+
+class EchoStage:
+    """Replies with the request id; fails on request for a failure."""
+
+    name = "test-echo"
+    subject = "epd.test.echo"
+    capacity = 2
+    message_type = Cancel
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.handled: list[str] = []
+
+    async def handle(self, job: Cancel) -> None:
+        self.handled.append(job.request_id)
+        if job.request_id == "bad-request":
+            raise RequestFailed(400, "this request is malformed")
+        if job.request_id == "crash":
+            raise RuntimeError("boom")
+        await self.rt.reply(f"reply.{job.request_id}", TokenChunk(request_id=job.request_id, seq=0, token_ids=[], text="ok"))
+
+
+async def test_errors_reach_the_client_and_the_worker_serves_on(infra_settings: Settings) -> None:
+    rt = await Runtime.start(infra_settings.replace(ack_wait_s=5.0), "test")
+    await rt.js.add_stream(name="EPD_TEST", subjects=["epd.test.>"])
+    stage = EchoStage(rt)
+    loop = StageLoop(stage, rt)
+    task = asyncio.create_task(loop.run())
+    client = await nats.connect(infra_settings.nats_url)
+    replies = Decoder(Reply)
+    try:
+        inbox = await client.subscribe("reply.>")
+
+        async def send(rid: str, data: bytes | None = None) -> None:
+            headers = {subjects.REQUEST_ID_HEADER: rid, subjects.REPLY_HEADER: f"reply.{rid}"}
+            await rt.js.publish(stage.subject, data if data is not None else encode(Cancel(request_id=rid)), headers=headers)
+
+        await send("garbage", b"\x00\x01 not msgpack")
+        await send("bad-request")
+        await send("crash")
+        await send("fine")
+        got = {}
+        for _ in range(4):
+            msg = await inbox.next_msg(timeout=10)
+            got[msg.subject] = replies.decode(msg.data)
+        assert isinstance(got["reply.garbage"], ErrorReply) and got["reply.garbage"].status == 400
+        assert "invalid Cancel message" in got["reply.garbage"].message
+        assert got["reply.bad-request"].status == 400 and got["reply.bad-request"].message == "this request is malformed"
+        assert got["reply.crash"].status == 500 and "boom" in got["reply.crash"].message
+        assert isinstance(got["reply.fine"], TokenChunk)
+        info = await rt.js.consumer_info("EPD_TEST", stage.name)
+        for _ in range(50):  # every message acked, none waiting for redelivery
+            if info.num_ack_pending == 0 and info.num_pending == 0:
+                break
+            await asyncio.sleep(0.1)
+            info = await rt.js.consumer_info("EPD_TEST", stage.name)
+        assert info.num_ack_pending == 0 and info.num_pending == 0
+        assert sorted(stage.handled) == ["bad-request", "crash", "fine"]  # garbage never reached the stage
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+        await client.close()
+        await rt.js.delete_stream("EPD_TEST")
+        await rt.close()
