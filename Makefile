@@ -1,0 +1,34 @@
+# Two entry points: `make serve` and `make test`. Both set up on first use.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+MODEL  ?= .cache/models/tiny-qwen2-vl
+ARGS   ?=
+
+.PHONY: serve test lint clean
+
+serve: $(STAMP)
+	$(VENV)/bin/epd up $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+$(STAMP): pyproject.toml
+	@if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then \
+	  echo "installing libibverbs1 (Mooncake needs it)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; fi
+	@if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; fi
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first, pinned, so nothing pulls a CUDA build onto a CPU machine
+	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q -e ".[cpu,test]"
+	touch $(STAMP)
+
+clean:
+	rm -rf $(VENV) .epd .pytest_cache
