@@ -15,10 +15,21 @@ from pathlib import Path
 
 # Settings of the image processor that change the pixels the encoder sees.
 PIXEL_SETTINGS = (
-    "do_resize", "size", "min_pixels", "max_pixels", "resample", "do_rescale", "rescale_factor",
-    "do_normalize", "image_mean", "image_std", "do_convert_rgb", "patch_size", "temporal_patch_size",
+    "do_resize",
+    "size",
+    "min_pixels",
+    "max_pixels",
+    "resample",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+    "do_convert_rgb",
+    "patch_size",
+    "temporal_patch_size",
     "merge_size",
-)  # fmt: skip
+)
 _SAMPLE = 1 << 16
 
 

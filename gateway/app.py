@@ -58,8 +58,12 @@ def create_app(settings: Settings) -> FastAPI:
         span = tracer().start_span(
             f"chat {body.model}",
             kind=SpanKind.SERVER,
-            attributes={"http.request.method": "POST", "http.route": "/v1/chat/completions",
-                        "epd.request_id": request_id, "gen_ai.request.model": body.model},  # fmt: skip
+            attributes={
+                "http.request.method": "POST",
+                "http.route": "/v1/chat/completions",
+                "epd.request_id": request_id,
+                "gen_ai.request.model": body.model,
+            },
         )
         try:
             with trace.use_span(span, end_on_exit=False):
@@ -81,8 +85,9 @@ def create_app(settings: Settings) -> FastAPI:
         finally:
             await replies.close()
         _end(span, 200, last.usage if last else None)
-        return completion(request_id, body.model, "".join(text), last.finish_reason if last else None,
-                          last.usage if last else None)  # fmt: skip
+        return completion(
+            request_id, body.model, "".join(text), last.finish_reason if last else None, last.usage if last else None
+        )
 
     return app
 

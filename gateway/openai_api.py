@@ -49,15 +49,20 @@ class ChatCompletionRequest(BaseModel):
     n: int = 1
 
 
-FINISH = {FinishReason.STOP: "stop", FinishReason.LENGTH: "length", FinishReason.ABORT: "abort",
-          FinishReason.ERROR: "error"}  # fmt: skip
+FINISH = {
+    FinishReason.STOP: "stop",
+    FinishReason.LENGTH: "length",
+    FinishReason.ABORT: "abort",
+    FinishReason.ERROR: "error",
+}
 
 
 def decode_image_url(url: str, index: int) -> bytes:
     """Base64 `data:` URLs only; fetching remote URLs is off."""
     if not url.startswith("data:"):
-        raise ApiError(400, f"image {index}: only base64 data: URLs are accepted; remote image URLs are disabled",
-                       param="messages")  # fmt: skip
+        raise ApiError(
+            400, f"image {index}: only base64 data: URLs are accepted; remote image URLs are disabled", param="messages"
+        )
     header, sep, payload = url.partition(",")
     if not sep or not header.endswith(";base64"):
         raise ApiError(400, f"image {index}: data URL must be of the form data:<mime>;base64,<data>", param="messages")
@@ -100,10 +105,18 @@ def completion(request_id: str, model: str, text: str, reason: FinishReason | No
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": FINISH.get(reason) if reason else None}],  # fmt: skip
-        "usage": {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                  "total_tokens": u.prompt_tokens + u.completion_tokens},  # fmt: skip
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": FINISH.get(reason) if reason else None,
+            }
+        ],
+        "usage": {
+            "prompt_tokens": u.prompt_tokens,
+            "completion_tokens": u.completion_tokens,
+            "total_tokens": u.prompt_tokens + u.completion_tokens,
+        },
     }
 
 

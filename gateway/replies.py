@@ -41,8 +41,7 @@ class ReplyStream:
         while not self.finished:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise ApiError(504, f"request {self.request_id} timed out after {self.timeout_s:.0f}s",
-                               "timeout_error")  # fmt: skip
+                raise ApiError(504, f"request {self.request_id} timed out after {self.timeout_s:.0f}s", "timeout_error")
             try:
                 msg = await self._sub.next_msg(timeout=left)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):

@@ -29,8 +29,12 @@ class Router:
 
     def validate(self, req: Request) -> None:
         if req.model != self.model_name:
-            raise ApiError(404, f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise ApiError(
+                404,
+                f"The model '{req.model}' does not exist; this server serves '{self.model_name}'",
+                param="model",
+                code="model_not_found",
+            )
         if not req.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
         if req.sampling.max_tokens < 1:

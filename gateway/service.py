@@ -72,8 +72,10 @@ class Gateway:
         except (WireError, ApiError) as e:
             status = e.status if isinstance(e, ApiError) else 400
             if msg.reply:
-                await self.rt.reply(msg.reply, ErrorReply(request_id=request_id, status=status, message=str(e),
-                                                          type="invalid_request_error"))  # fmt: skip
+                await self.rt.reply(
+                    msg.reply,
+                    ErrorReply(request_id=request_id, status=status, message=str(e), type="invalid_request_error"),
+                )
 
     async def close(self) -> None:
         await self.rt.close()

@@ -41,12 +41,21 @@ def render_tree(spans: list[dict]) -> str:
             dur = (s["end_ns"] - s["start_ns"]) / 1e6
             start = (s["start_ns"] - t0) / 1e6
             where = f"{s['service']}[{s['pid']}]"
-            keys = ("epd.route", "epd.ec_hits", "epd.hit", "epd.bytes", "gen_ai.usage.input_tokens",
-                    "gen_ai.usage.output_tokens", "epd.attempt")  # fmt: skip
+            keys = (
+                "epd.route",
+                "epd.ec_hits",
+                "epd.hit",
+                "epd.bytes",
+                "gen_ai.usage.input_tokens",
+                "gen_ai.usage.output_tokens",
+                "epd.attempt",
+            )
             attrs = " ".join(f"{k.split('.')[-1]}={s['attributes'][k]}" for k in keys if k in s["attributes"])
             status = " ERROR" if s["status"] == "ERROR" else ""
-            lines.append(f"{'  ' * depth}{s['name']:<{44 - 2 * depth}} {where:<24} +{start:9.1f}ms "
-                         f"{dur:9.1f}ms{status} {attrs}".rstrip())  # fmt: skip
+            lines.append(
+                f"{'  ' * depth}{s['name']:<{44 - 2 * depth}} {where:<24} +{start:9.1f}ms "
+                f"{dur:9.1f}ms{status} {attrs}".rstrip()
+            )
             walk(s["span_id"], depth + 1)
 
     walk(None, 0)

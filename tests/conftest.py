@@ -8,13 +8,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw
-
 from epd.ops.config import Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.processes import free_port
 from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
+from PIL import Image, ImageDraw
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,8 @@ def reference(model_dir: Path, question: str, image: bytes | None, max_new_token
     if image:
         kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, **kwargs)  # fmt: skip
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False, **kwargs
+        )
     new = out[0, ids.shape[1] :].tolist()
     return new, tok.decode(new, skip_special_tokens=True)

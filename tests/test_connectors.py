@@ -4,7 +4,6 @@ import asyncio
 
 import pytest
 import torch
-
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.kv import KVTransferError

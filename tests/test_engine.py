@@ -4,14 +4,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-
 from epd.schemas.common import ImagePart, Message, SamplingParams, TextPart
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint, CheckpointError
 from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
+from PIL import Image
 
 from .conftest import png_bytes
 from .oracle import reference
@@ -28,8 +27,13 @@ def engine(tiny_model: Path):  # noqa: ANN201
 def run_greedy(ckpt, family, question: str, image: bytes | None, max_new: int) -> list[int]:  # noqa: ANN001
     content = ([ImagePart(data=image)] if image else []) + [TextPart(text=question)]
     encoded = family.encode([Image.open(__import__("io").BytesIO(image)).convert("RGB")]) if image else []
-    ids = build_prompt(ckpt.tokenizer, ckpt.chat_template, [Message(role="user", content=content)],
-                       [family.image_tokens(e.grid_thw) for e in encoded], family.image_token_id)  # fmt: skip
+    ids = build_prompt(
+        ckpt.tokenizer,
+        ckpt.chat_template,
+        [Message(role="user", content=content)],
+        [family.image_tokens(e.grid_thw) for e in encoded],
+        family.image_token_id,
+    )
     out = family.prefill(ids, encoded)
     tokens = [int(torch.argmax(out.logits))]
     state = family.start_decode(out.kv.clone(), out.rope_delta)  # as if shipped to another process

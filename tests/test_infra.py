@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-
 from epd.ops.infra import MooncakeMaster, NatsServer
 
 pytestmark = pytest.mark.integration

@@ -3,7 +3,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from epd.connectors.keys import KeySpace
 
 from .conftest import png_bytes

@@ -1,8 +1,16 @@
 import msgspec
 import pytest
-
 from epd.schemas.codec import Decoder, WireError, encode
-from epd.schemas.common import FinishReason, ImageEmbedding, ImagePart, Message, SamplingParams, TensorHandle, TextPart, Usage
+from epd.schemas.common import (
+    FinishReason,
+    ImageEmbedding,
+    ImagePart,
+    Message,
+    SamplingParams,
+    TensorHandle,
+    TextPart,
+    Usage,
+)
 from epd.schemas.control import Cancel
 from epd.schemas.decode import KVReady
 from epd.schemas.encode import EmbeddingReady, EncodeJob
@@ -25,10 +33,24 @@ MESSAGES = [
     EncodeJob(request=REQUEST, keys=["a"], missing=[0]),
     EmbeddingReady(request=REQUEST, images=[ImageEmbedding(key="a", grid_thw=[1, 4, 6], tensor=HANDLE)]),
     PrefillJob(request=REQUEST, images=[ImageEmbedding(key="a")]),
-    KVReady(request_id="r1", reply_to="x", model="m", sampling=SamplingParams(), prompt_tokens=9, first_token=4,
-            rope_delta=-3, kv=HANDLE),
-    TokenChunk(request_id="r1", seq=3, token_ids=[1, 2], text="hé", finish_reason=FinishReason.LENGTH,
-               usage=Usage(prompt_tokens=9, completion_tokens=2)),
+    KVReady(
+        request_id="r1",
+        reply_to="x",
+        model="m",
+        sampling=SamplingParams(),
+        prompt_tokens=9,
+        first_token=4,
+        rope_delta=-3,
+        kv=HANDLE,
+    ),
+    TokenChunk(
+        request_id="r1",
+        seq=3,
+        token_ids=[1, 2],
+        text="hé",
+        finish_reason=FinishReason.LENGTH,
+        usage=Usage(prompt_tokens=9, completion_tokens=2),
+    ),
     ErrorReply(request_id="r1", status=404, message="no such model", type="invalid_request_error"),
     Cancel(request_id="r1"),
 ]

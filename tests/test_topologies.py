@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, encode
@@ -35,8 +34,13 @@ def cluster(request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: 
 def chat_body(question: str, image: bytes | None = None, **extra: object) -> dict:
     content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
     content.append({"type": "text", "text": question})
-    return {"model": "tiny-qwen2-vl", "messages": [{"role": "user", "content": content}],
-            "max_tokens": MAX_NEW, "temperature": 0, **extra}  # fmt: skip
+    return {
+        "model": "tiny-qwen2-vl",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": MAX_NEW,
+        "temperature": 0,
+        **extra,
+    }
 
 
 async def post(cluster, body: dict) -> httpx.Response:  # noqa: ANN001
@@ -73,8 +77,12 @@ async def assert_trace_spans_every_process(cluster, request_id: str) -> None:  #
     ids = {s["span_id"] for s in spans}
     roots = [s for s in spans if s["parent_id"] not in ids]
     assert len(roots) == 1  # every other span hangs off the gateway's request span
-    out = subprocess.run([sys.executable, "-m", "epd.ops.cli", "trace", request_id, "--dir", str(trace_dir)],
-                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-m", "epd.ops.cli", "trace", request_id, "--dir", str(trace_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     for name in ("route", "encode", "prefill.forward", "kv.send", "kv.recv", "decode"):
         assert any(line.strip().startswith(name) for line in out.stdout.splitlines()), out.stdout
@@ -88,8 +96,11 @@ async def test_nats_native_api_tokens_match_generate(cluster, tiny_model: Path) 
     try:
         inbox = nc.new_inbox()
         sub = await nc.subscribe(inbox)
-        req = Request(model="tiny-qwen2-vl", sampling=SamplingParams(max_tokens=MAX_NEW),
-                      messages=[Message(role="user", content=[ImagePart(data=image), TextPart(text="What shape is it?")])])  # fmt: skip
+        req = Request(
+            model="tiny-qwen2-vl",
+            sampling=SamplingParams(max_tokens=MAX_NEW),
+            messages=[Message(role="user", content=[ImagePart(data=image), TextPart(text="What shape is it?")])],
+        )
         await nc.publish(subjects.REQUEST, encode(req), reply=inbox)
         chunks, decoder = [], Decoder(Reply)
         while not chunks or chunks[-1].finish_reason is None:
@@ -108,8 +119,9 @@ async def test_text_only_and_concurrent_requests(cluster, tiny_model: Path) -> N
     questions = ["Hello, how are you today?", "Describe the image."]
     expected = [reference(tiny_model, q, None, MAX_NEW)[1] for q in questions]
     image = png_bytes(size=(80, 80), color=(250, 220, 0))
-    results = await asyncio.gather(*(post(cluster, chat_body(q)) for q in questions),
-                                   post(cluster, chat_body("What color is the shape?", image)))  # fmt: skip
+    results = await asyncio.gather(
+        *(post(cluster, chat_body(q)) for q in questions), post(cluster, chat_body("What color is the shape?", image))
+    )
     assert all(r.status_code == 200 for r in results), [r.text for r in results]
     assert [r.json()["choices"][0]["message"]["content"] for r in results[:2]] == expected
 

@@ -4,7 +4,6 @@ import asyncio
 
 import nats
 import pytest
-
 from epd.ops.config import Settings
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, encode
@@ -34,7 +33,9 @@ class EchoStage:
             raise RequestFailed(400, "this request is malformed")
         if job.request_id == "crash":
             raise RuntimeError("boom")
-        await self.rt.reply(f"reply.{job.request_id}", TokenChunk(request_id=job.request_id, seq=0, token_ids=[], text="ok"))
+        await self.rt.reply(
+            f"reply.{job.request_id}", TokenChunk(request_id=job.request_id, seq=0, token_ids=[], text="ok")
+        )
 
 
 async def test_errors_reach_the_client_and_the_worker_serves_on(infra_settings: Settings) -> None:
@@ -50,7 +51,9 @@ async def test_errors_reach_the_client_and_the_worker_serves_on(infra_settings: 
 
         async def send(rid: str, data: bytes | None = None) -> None:
             headers = {subjects.REQUEST_ID_HEADER: rid, subjects.REPLY_HEADER: f"reply.{rid}"}
-            await rt.js.publish(stage.subject, data if data is not None else encode(Cancel(request_id=rid)), headers=headers)
+            await rt.js.publish(
+                stage.subject, data if data is not None else encode(Cancel(request_id=rid)), headers=headers
+            )
 
         await send("garbage", b"\x00\x01 not msgpack")
         await send("bad-request")
@@ -62,7 +65,9 @@ async def test_errors_reach_the_client_and_the_worker_serves_on(infra_settings: 
             got[msg.subject] = replies.decode(msg.data)
         assert isinstance(got["reply.garbage"], ErrorReply) and got["reply.garbage"].status == 400
         assert "invalid Cancel message" in got["reply.garbage"].message
-        assert got["reply.bad-request"].status == 400 and got["reply.bad-request"].message == "this request is malformed"
+        assert (
+            got["reply.bad-request"].status == 400 and got["reply.bad-request"].message == "this request is malformed"
+        )
         assert got["reply.crash"].status == 500 and "boom" in got["reply.crash"].message
         assert isinstance(got["reply.fine"], TokenChunk)
         info = await rt.js.consumer_info("EPD_TEST", stage.name)

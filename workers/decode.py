@@ -37,8 +37,9 @@ class Generation:
     attributes: dict[str, Any] = field(default_factory=dict)
 
 
-def finish_reason(token: int, gen_tokens: int, total_tokens: int, params: SamplingParams,
-                  eos: set[int], max_len: int) -> FinishReason | None:  # fmt: skip
+def finish_reason(
+    token: int, gen_tokens: int, total_tokens: int, params: SamplingParams, eos: set[int], max_len: int
+) -> FinishReason | None:
     if token in eos:
         return FinishReason.STOP
     if gen_tokens >= params.max_tokens or total_tokens >= max_len:
@@ -48,7 +49,9 @@ def finish_reason(token: int, gen_tokens: int, total_tokens: int, params: Sampli
 
 def chunk(gen: Generation, seq: int, token: int, text: str, reason: FinishReason | None) -> TokenChunk:
     usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens)) if reason else None
-    return TokenChunk(request_id=gen.request_id, seq=seq, token_ids=[token], text=text, finish_reason=reason, usage=usage)
+    return TokenChunk(
+        request_id=gen.request_id, seq=seq, token_ids=[token], text=text, finish_reason=reason, usage=usage
+    )
 
 
 class Decoder:
@@ -68,9 +71,12 @@ class Decoder:
                 logits = await asyncio.to_thread(self.family.decode, state, gen.tokens[-1])
                 token = sample(logits, gen.sampling, state.position)
                 gen.tokens.append(token)
-                reason = finish_reason(token, len(gen.tokens), gen.prompt_tokens + len(gen.tokens),
-                                       gen.sampling, self.eos, self.max_len)  # fmt: skip
-                await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, gen.detok.push([token], reason is not None), reason))
+                reason = finish_reason(
+                    token, len(gen.tokens), gen.prompt_tokens + len(gen.tokens), gen.sampling, self.eos, self.max_len
+                )
+                await self.rt.reply(
+                    gen.reply_to, chunk(gen, gen.seq, token, gen.detok.push([token], reason is not None), reason)
+                )
                 gen.seq += 1
                 if reason:
                     break

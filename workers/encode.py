@@ -27,7 +27,7 @@ async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list
         return refs
     with tracer().start_as_current_span("encode", attributes={"epd.images": len(pictures)}):
         encoded = await asyncio.to_thread(family.encode, pictures)
-    for i, enc in zip(job.missing, encoded):
+    for i, enc in zip(job.missing, encoded, strict=True):
         with tracer().start_as_current_span("ec.save") as span:
             refs[i] = await ec.save(job.keys[i], enc.embedding, enc.grid_thw)
             span.set_attribute("epd.bytes", refs[i].tensor.nbytes if refs[i].tensor else 0)

@@ -116,7 +116,9 @@ class StageLoop:
             await asyncio.sleep(self.rt.settings.ack_wait_s / 3)
             await msg.in_progress()
 
-    async def _fail(self, span: trace.Span, request_id: str, reply_to: str, status: int, message: str, type_: str) -> None:
+    async def _fail(
+        self, span: trace.Span, request_id: str, reply_to: str, status: int, message: str, type_: str
+    ) -> None:
         span.set_status(Status(StatusCode.ERROR, message))
         log.warning("%s: request %s -> %d %s", self.stage.name, request_id, status, message)
         error = ErrorReply(request_id=request_id, seq=-1, status=status, message=message, type=type_)

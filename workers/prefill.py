@@ -33,8 +33,16 @@ class PrefillStage:
     subject = subjects.PREFILL
     message_type = PrefillJob | EmbeddingReady
 
-    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family, ec: ECConnector, handoff: Handoff,
-                 inline_encode: bool = False, capacity: int = 1) -> None:  # fmt: skip
+    def __init__(
+        self,
+        rt: Runtime,
+        ckpt: Checkpoint,
+        family: Family,
+        ec: ECConnector,
+        handoff: Handoff,
+        inline_encode: bool = False,
+        capacity: int = 1,
+    ) -> None:
         self.rt, self.ckpt, self.family, self.ec = rt, ckpt, family, ec
         self.handoff, self.inline_encode, self.capacity = handoff, inline_encode, capacity
         self.eos = ckpt.eos_token_ids()
@@ -49,8 +57,9 @@ class PrefillStage:
             return
         try:
             n_image_tokens = [self.family.image_tokens(im.grid_thw) for im in images]
-            ids = build_prompt(self.ckpt.tokenizer, self.ckpt.chat_template, req.messages, n_image_tokens,
-                               self.family.image_token_id)  # fmt: skip
+            ids = build_prompt(
+                self.ckpt.tokenizer, self.ckpt.chat_template, req.messages, n_image_tokens, self.family.image_token_id
+            )
         except PromptError as e:
             raise RequestFailed(400, str(e)) from None
         if len(ids) >= self.max_len:
@@ -58,8 +67,9 @@ class PrefillStage:
         with tracer().start_as_current_span("prefill.forward", attributes={"gen_ai.usage.input_tokens": len(ids)}):
             out = await asyncio.to_thread(self.family.prefill, ids, images)
         first = sample(out.logits, req.sampling, len(ids))
-        gen = Generation(req.request_id, req.reply_to, req.sampling, len(ids), [first],
-                         Detokenizer(self.ckpt.tokenizer))  # fmt: skip
+        gen = Generation(
+            req.request_id, req.reply_to, req.sampling, len(ids), [first], Detokenizer(self.ckpt.tokenizer)
+        )
         reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
         await self.rt.reply(req.reply_to, chunk(gen, 0, first, gen.detok.push([first], reason is not None), reason))
         if reason is None:
@@ -92,7 +102,9 @@ def remote_decode(rt: Runtime, kv: KVConnector) -> Handoff:
     """e-p-d: ship the KV through the connector and tell the decoders."""
 
     async def handoff(gen: Generation, out: Prefilled) -> None:
-        with tracer().start_as_current_span("kv.send", attributes={"epd.bytes": out.kv.numel() * out.kv.element_size()}):
+        with tracer().start_as_current_span(
+            "kv.send", attributes={"epd.bytes": out.kv.numel() * out.kv.element_size()}
+        ):
             handle = await kv.send(gen.request_id, out.kv)
         ready = KVReady(
             request_id=gen.request_id,

@@ -37,7 +37,7 @@ def build_prompt(
         raise PromptError(f"chat template rendered {len(pads)} image placeholders for {len(image_tokens)} images")
     out: list[int] = []
     prev = 0
-    for pos, n in zip(pads, image_tokens):
+    for pos, n in zip(pads, image_tokens, strict=True):
         out.extend(ids[prev:pos])
         out.extend([image_token_id] * n)
         prev = pos + 1

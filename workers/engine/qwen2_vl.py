@@ -31,7 +31,7 @@ class Qwen2VL(Family):
         grid = batch["image_grid_thw"].to(self.device)  # (images, 3)
         merged = self.model.model.visual(pixels, grid_thw=grid).pooler_output  # (tokens, hidden)
         sizes = [self.image_tokens(g) for g in grid.tolist()]
-        return [Encoded(e, g) for e, g in zip(torch.split(merged, sizes), grid.tolist())]
+        return [Encoded(e, g) for e, g in zip(torch.split(merged, sizes), grid.tolist(), strict=True)]
 
     @torch.inference_mode()
     def prefill(self, ids: list[int], images: list[Encoded]) -> Prefilled:
@@ -41,7 +41,9 @@ class Qwen2VL(Family):
         if images:
             grid = torch.tensor([im.grid_thw for im in images], device=self.device)
             mm_types = (input_ids == self.image_token_id).int()
-            vision_pos, delta = self.model.model.get_rope_index(input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid)
+            vision_pos, delta = self.model.model.get_rope_index(
+                input_ids, mm_token_type_ids=mm_types, image_grid_thw=grid
+            )
             embeds = tuple(im.embedding.to(self.device) for im in images)
             kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=embeds)}
             rope_delta = int(delta.view(-1)[0])
