@@ -17,6 +17,7 @@ from epd.schemas.reply import ErrorReply
 from epd.schemas.request import Request
 from epd.workers.runtime import Runtime
 
+from .dead_letters import watch_dead_letters
 from .errors import ApiError
 from .replies import ReplyStream
 from .router import Router
@@ -41,6 +42,7 @@ class Gateway:
         ec = MooncakeECConnector(store) if store else None
         gw = cls(rt, Router(rt, KeySpace.for_checkpoint(settings.model), ec), store)
         await rt.nc.subscribe(subjects.REQUEST, queue="epd-gateway", cb=gw._on_nats_request)
+        await watch_dead_letters(rt)
         return gw
 
     async def submit(self, req: Request) -> ReplyStream:

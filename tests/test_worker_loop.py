@@ -84,3 +84,38 @@ async def test_errors_reach_the_client_and_the_worker_serves_on(infra_settings: 
         await client.close()
         await rt.js.delete_stream("EPD_TEST")
         await rt.close()
+
+
+async def test_a_request_that_exhausts_its_deliveries_is_answered(infra_settings: Settings) -> None:
+    """A worker that takes a message and dies (never acks) `max_deliver` times: the client gets a 503."""
+    from epd.gateway.dead_letters import watch_dead_letters
+    from nats.js.api import ConsumerConfig
+
+    rt = await Runtime.start(infra_settings, "test-dead-letters")
+    await rt.js.add_stream(name="EPD_DEAD", subjects=["epd.dead.>"])
+    await watch_dead_letters(rt, ["EPD_DEAD"])
+    client = await nats.connect(infra_settings.nats_url)
+    try:
+        inbox = await client.subscribe("reply.dead")
+        headers = {subjects.REQUEST_ID_HEADER: "doomed", subjects.REPLY_HEADER: "reply.dead"}
+        await rt.js.publish("epd.dead.job", b"payload", headers=headers)
+        sub = await rt.js.pull_subscribe(
+            "epd.dead.job", durable="crashy", config=ConsumerConfig(ack_wait=0.5, max_deliver=2)
+        )
+        for _ in range(2):  # take it and "crash": no ack, wait for redelivery
+            msgs = await sub.fetch(1, timeout=5)
+            assert msgs[0].metadata.num_delivered >= 1
+        with pytest.raises(nats.errors.TimeoutError):  # workers keep pulling: JetStream gives up on it
+            await sub.fetch(1, timeout=2)
+        reply = Decoder(Reply).decode((await inbox.next_msg(timeout=10)).data)
+        assert isinstance(reply, ErrorReply) and reply.status == 503 and reply.request_id == "doomed"
+        assert "failed 2 times" in reply.message
+        for _ in range(20):
+            if (await rt.js.stream_info("EPD_DEAD")).state.messages == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert (await rt.js.stream_info("EPD_DEAD")).state.messages == 0  # answered, then removed
+    finally:
+        await client.close()
+        await rt.js.delete_stream("EPD_DEAD")
+        await rt.close()
