@@ -1,5 +1,6 @@
 """The engine's three operations against transformers' generate, without NATS."""
 
+import io
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ def engine(tiny_model: Path):  # noqa: ANN201
 
 def run_greedy(ckpt, family, question: str, image: bytes | None, max_new: int) -> list[int]:  # noqa: ANN001
     content = ([ImagePart(data=image)] if image else []) + [TextPart(text=question)]
-    encoded = family.encode([Image.open(__import__("io").BytesIO(image)).convert("RGB")]) if image else []
+    encoded = family.encode([Image.open(io.BytesIO(image)).convert("RGB")]) if image else []
     ids = build_prompt(
         ckpt.tokenizer,
         ckpt.chat_template,
