@@ -7,8 +7,7 @@ worker) and the pd / epd roles (KV never leaves the process).
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from epd.connectors.kv import KVConnector
 from epd.ops.tracing import tracer
@@ -34,7 +33,6 @@ class Generation:
     tokens: list[int]
     detok: Detokenizer
     seq: int = 1  # chunk 0 was the first token
-    attributes: dict[str, Any] = field(default_factory=dict)
 
 
 def finish_reason(
@@ -47,10 +45,16 @@ def finish_reason(
     return None
 
 
-def chunk(gen: Generation, seq: int, token: int, text: str, reason: FinishReason | None) -> TokenChunk:
+def chunk(gen: Generation, seq: int, token: int | None, reason: FinishReason | None) -> TokenChunk:
+    """The reply for one new token (None: no new token, as on abort).
+
+    The last chunk flushes any partial character and carries usage.
+    """
+    tokens = [] if token is None else [token]
+    text = gen.detok.push(tokens, final=reason is not None)
     usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens)) if reason else None
     return TokenChunk(
-        request_id=gen.request_id, seq=seq, token_ids=[token], text=text, finish_reason=reason, usage=usage
+        request_id=gen.request_id, seq=seq, token_ids=tokens, text=text, finish_reason=reason, usage=usage
     )
 
 
@@ -66,7 +70,7 @@ class Decoder:
         with tracer().start_as_current_span("decode", attributes={"epd.request_id": gen.request_id}) as span:
             while True:
                 if gen.request_id in self.rt.cancelled:
-                    await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, gen.tokens[-1], "", FinishReason.ABORT))
+                    await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, None, FinishReason.ABORT))
                     break
                 logits = await asyncio.to_thread(self.family.decode, state, gen.tokens[-1])
                 token = sample(logits, gen.sampling, state.position)
@@ -74,9 +78,7 @@ class Decoder:
                 reason = finish_reason(
                     token, len(gen.tokens), gen.prompt_tokens + len(gen.tokens), gen.sampling, self.eos, self.max_len
                 )
-                await self.rt.reply(
-                    gen.reply_to, chunk(gen, gen.seq, token, gen.detok.push([token], reason is not None), reason)
-                )
+                await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, reason))
                 gen.seq += 1
                 if reason:
                     break

@@ -71,7 +71,7 @@ class PrefillStage:
             req.request_id, req.reply_to, req.sampling, len(ids), [first], Detokenizer(self.ckpt.tokenizer)
         )
         reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
-        await self.rt.reply(req.reply_to, chunk(gen, 0, first, gen.detok.push([first], reason is not None), reason))
+        await self.rt.reply(req.reply_to, chunk(gen, 0, first, reason))
         if reason is None:
             await self.handoff(gen, out)
 
