@@ -65,18 +65,22 @@ async def test_image_chat_matches_generate(cluster, tiny_model: Path) -> None:  
 
 async def assert_trace_spans_every_process(cluster, request_id: str) -> None:  # noqa: ANN001
     trace_dir = Path(cluster.settings.trace_dir)
+    wanted = {"epd-gateway", "epd-encode", "epd-prefill", "epd-decode"}
     services: set[str] = set()
-    for _ in range(50):  # span files are flushed every 200 ms
+    roots: list[dict] = []
+    # Each process flushes its spans every 200 ms, and a parent span is written only when it ends,
+    # after its children: wait until the whole tree is on disk, not just a span from each process.
+    for _ in range(50):
         spans = spans_for_request(load_spans(trace_dir), request_id)
         services = {s["service"] for s in spans}
-        if {"epd-gateway", "epd-encode", "epd-prefill", "epd-decode"} <= services:
+        ids = {s["span_id"] for s in spans}
+        roots = [s for s in spans if s["parent_id"] not in ids]
+        if wanted <= services and len(roots) == 1:
             break
         await asyncio.sleep(0.2)
-    assert {"epd-gateway", "epd-encode", "epd-prefill", "epd-decode"} <= services
+    assert wanted <= services
     assert len({s["trace_id"] for s in spans}) == 1
-    ids = {s["span_id"] for s in spans}
-    roots = [s for s in spans if s["parent_id"] not in ids]
-    assert len(roots) == 1  # every other span hangs off the gateway's request span
+    assert len(roots) == 1, roots  # every other span hangs off the gateway's request span
     out = subprocess.run(
         [sys.executable, "-m", "epd.ops.cli", "trace", request_id, "--dir", str(trace_dir)],
         capture_output=True,
