@@ -1,4 +1,4 @@
-"""HTTP app: `POST /v1/chat/completions`, `GET /v1/models`, `GET /health`."""
+"""HTTP app: `POST /v1/chat/completions`, `GET /v1/models`, `/health`, `/ready`, `/metrics`."""
 
 from __future__ import annotations
 
@@ -7,13 +7,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from epd.ops import metrics
 from epd.ops.config import Settings
 from epd.ops.tracing import tracer
+from epd.schemas.common import Usage
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace import Status, StatusCode
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import ApiError
 from .openai_api import FINISH, ChatCompletionRequest, completion, sse_chunk, to_request
@@ -30,7 +33,13 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await app.state.gateway.close()
 
-    app = FastAPI(title="epd", version="0.1.0", lifespan=lifespan)
+    # FastAPI's own telemetry gives the HTTP server span; its per-operation spans would only add noise.
+    app = FastAPI(
+        title="epd",
+        version="0.1.0",
+        lifespan=lifespan,
+        telemetry={"operation_spans": False, "metrics": False, "logs": False, "exclude": _probe},
+    )
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -41,11 +50,23 @@ def create_app(settings: Settings) -> FastAPI:
         first = e.errors()[0] if e.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         err = ApiError(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}", param=where or None)
+        metrics.REQUESTS.labels("", "400").inc()
         return JSONResponse(err.body(), status_code=400)
 
     @app.get("/health")
     async def health() -> dict:
+        """The process is up (liveness)."""
         return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """NATS is connected and every role the topology needs has a live worker (readiness)."""
+        state = await app.state.gateway.readiness()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models() -> dict:
@@ -57,37 +78,43 @@ def create_app(settings: Settings) -> FastAPI:
         request_id = new_request_id()
         span = tracer().start_span(
             f"chat {body.model}",
-            kind=SpanKind.SERVER,
             attributes={
                 "http.request.method": "POST",
                 "http.route": "/v1/chat/completions",
                 "epd.request_id": request_id,
+                "gen_ai.operation.name": "chat",
                 "gen_ai.request.model": body.model,
+                "gen_ai.request.temperature": body.temperature,
+                "gen_ai.request.top_p": body.top_p,
+                "gen_ai.response.id": request_id,
+                "epd.stream": body.stream,
             },
         )
         try:
             with trace.use_span(span, end_on_exit=False):
                 req = to_request(body, request_id, DEFAULT_MAX_TOKENS)
+                span.set_attribute("gen_ai.request.max_tokens", req.sampling.max_tokens)
                 replies = await gw.submit(req)
         except ApiError as e:
-            _end(span, e.status)
+            _finish(span, body.model, None, e.status)
             raise
         if body.stream:
             return StreamingResponse(_sse(gw, replies, body.model, span), media_type="text/event-stream")
+        text, last = [], None
+        reply_span = _reply_span(span, replies)
         try:
-            text, last = [], None
             async for c in replies:
                 text.append(c.text)
                 last = c
         except ApiError as e:
-            _end(span, e.status)
+            _finish(span, body.model, replies, e.status)
             raise
         finally:
+            reply_span.end()
             await replies.close()
-        _end(span, 200, last.usage if last else None)
-        return completion(
-            request_id, body.model, "".join(text), last.finish_reason if last else None, last.usage if last else None
-        )
+        reason, usage = (last.finish_reason, last.usage) if last else (None, None)
+        _finish(span, body.model, replies, 200, usage, FINISH.get(reason) if reason else None)
+        return completion(request_id, body.model, "".join(text), reason, usage)
 
     return app
 
@@ -95,32 +122,73 @@ def create_app(settings: Settings) -> FastAPI:
 async def _sse(gw: Gateway, replies: ReplyStream, model: str, span: trace.Span) -> AsyncIterator[str]:
     created = int(time.time())
     rid = replies.request_id
-    status, usage = 200, None
+    status, usage, reason = 200, None, None
+    reply_span = _reply_span(span, replies)
     try:
         yield sse_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)
         async for c in replies:
             if c.text:
                 yield sse_chunk(rid, model, created, {"content": c.text}, None)
             if c.finish_reason is not None:
-                usage = c.usage
-                yield sse_chunk(rid, model, created, {}, FINISH[c.finish_reason])
+                usage, reason = c.usage, FINISH[c.finish_reason]
+                yield sse_chunk(rid, model, created, {}, reason)
     except ApiError as e:
         status = e.status
         yield f"data: {json.dumps(e.body())}\n\n"
     finally:
+        reply_span.end()
         if not replies.finished:  # the client went away: free what every stage holds for it
             await gw.cancel(rid)
             status = 499
         await replies.close()
-        _end(span, status, usage)
+        _finish(span, model, replies, status, usage, reason)
     yield "data: [DONE]\n\n"
 
 
-def _end(span: trace.Span, status: int, usage: object = None) -> None:
+def _probe(scope: dict) -> bool:
+    """Health, readiness and metrics scrapes get no trace: they would drown the requests'."""
+    return scope.get("path") in ("/health", "/ready", "/metrics")
+
+
+def _reply_span(parent: trace.Span, replies: ReplyStream) -> trace.Span:
+    """Reading the reply subject: from the request's hand-off to its last chunk. The caller ends it."""
+    return tracer().start_span(
+        "reply",
+        context=trace.set_span_in_context(parent),
+        attributes={"epd.request_id": replies.request_id, "messaging.destination.name": replies.inbox},
+    )
+
+
+def _finish(
+    span: trace.Span,
+    model: str,
+    replies: ReplyStream | None,
+    status: int,
+    usage: Usage | None = None,
+    reason: str | None = None,
+) -> None:
+    """End the request's span and count it: status, TTFT, time per output token, latency, tokens."""
+    metrics.REQUESTS.labels(model, str(status)).inc()
     span.set_attribute("http.response.status_code", status)
+    if status >= 400:
+        metrics.ERRORS.labels("gateway", str(status)).inc()
+    if replies is not None and replies.first_token_at is not None:
+        ttft = replies.first_token_at - replies.opened_at
+        metrics.TTFT.labels(model).observe(ttft)
+        span.set_attribute("epd.ttft_ms", round(ttft * 1e3, 3))
+        if replies.tokens > 1 and replies.last_token_at is not None:
+            tpot = (replies.last_token_at - replies.first_token_at) / (replies.tokens - 1)
+            metrics.TPOT.labels(model).observe(tpot)
+            span.set_attribute("epd.tpot_ms", round(tpot * 1e3, 3))
+        if status == 200:
+            metrics.E2E.labels(model).observe(time.perf_counter() - replies.opened_at)
     if usage is not None:
         span.set_attribute("gen_ai.usage.input_tokens", usage.prompt_tokens)
         span.set_attribute("gen_ai.usage.output_tokens", usage.completion_tokens)
+        metrics.PROMPT_TOKENS.labels(model).inc(usage.prompt_tokens)
+        metrics.GENERATION_TOKENS.labels(model).inc(usage.completion_tokens)
+    if reason is not None:
+        span.set_attribute("gen_ai.response.finish_reasons", (reason,))
     if status >= 500:
         span.set_status(Status(StatusCode.ERROR))
     span.end()

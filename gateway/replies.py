@@ -22,6 +22,11 @@ class ReplyStream:
         self.nc, self.request_id, self.timeout_s = nc, request_id, timeout_s
         self.inbox = f"_INBOX.epd.{request_id}"
         self.finished = False
+        # timings for TTFT, time per output token and end-to-end latency (perf_counter seconds)
+        self.opened_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.tokens = 0
         self._sub: nats.aio.subscription.Subscription | None = None
 
     async def open(self) -> ReplyStream:
@@ -58,6 +63,10 @@ class ReplyStream:
                 c = pending.pop(expected)
                 expected += 1
                 self.finished = c.finish_reason is not None
+                if c.token_ids:
+                    self.last_token_at = time.perf_counter()
+                    self.first_token_at = self.first_token_at or self.last_token_at
+                    self.tokens += len(c.token_ids)
                 yield c
                 if self.finished:
                     break

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from epd.connectors.ec import ECConnector
 from epd.connectors.keys import KeySpace
+from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding
@@ -58,6 +59,9 @@ class Router:
             present = await self.ec.exists(keys) if (self.ec and keys) else [False] * len(keys)
             missing = [i for i, p in enumerate(present) if not p]
             span.set_attribute("epd.ec_hits", len(keys) - len(missing))
+            if self.ec is not None:
+                metrics.EC_LOOKUPS.labels("router", "hit").inc(len(keys) - len(missing))
+                metrics.EC_LOOKUPS.labels("router", "miss").inc(len(missing))
             if not keys or self.ec is None or not missing:
                 job = PrefillJob(request=req, images=[ImageEmbedding(key=k) for k in keys])
                 subject, stage = subjects.PREFILL, "prefill"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 
@@ -9,13 +10,17 @@ import nats
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.keys import KeySpace
 from epd.connectors.mooncake_store import MooncakeStore
-from epd.ops.config import Settings
+from epd.ops import metrics
+from epd.ops.config import TOPOLOGY_ROLES, Settings
+from epd.ops.tracing import extract_context, tracer
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply
 from epd.schemas.request import Request
+from epd.workers.heartbeat import live_workers
 from epd.workers.runtime import Runtime
+from opentelemetry.trace import SpanKind
 
 from .dead_letters import watch_dead_letters
 from .errors import ApiError
@@ -60,24 +65,48 @@ class Gateway:
     async def cancel(self, request_id: str) -> None:
         await self.rt.nc.publish(subjects.CANCEL, encode(Cancel(request_id=request_id)))
 
+    async def readiness(self) -> dict:
+        """Ready: NATS connected and at least one live worker of each role the topology needs."""
+        needed = TOPOLOGY_ROLES[self.settings.topology]
+        if not self.rt.nc.is_connected:
+            return {"ready": False, "nats": "disconnected", "workers": dict.fromkeys(needed, 0)}
+        try:
+            workers = await live_workers(self.rt.js)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            return {"ready": False, "nats": f"error: {e}", "workers": dict.fromkeys(needed, 0)}
+        counts = {role: sum(w.role == role for w in workers) for role in needed}
+        return {"ready": all(counts.values()), "nats": "connected", "workers": counts}
+
     async def _on_nats_request(self, msg: nats.aio.msg.Msg) -> None:
         """NATS-native API: the client reads chunks on its own reply subject."""
         request_id = ""
-        try:
-            req = self._request_decoder.decode(msg.data)
-            req.request_id = req.request_id or new_request_id()
-            request_id = req.request_id
-            req.reply_to = msg.reply
-            if not msg.reply:
-                raise ApiError(400, "publish the request with a reply subject to read its tokens")
-            await self.router.route(req)
-        except (WireError, ApiError) as e:
-            status = e.status if isinstance(e, ApiError) else 400
-            if msg.reply:
-                await self.rt.reply(
-                    msg.reply,
-                    ErrorReply(request_id=request_id, status=status, message=str(e), type="invalid_request_error"),
-                )
+        with tracer().start_as_current_span(
+            f"nats {subjects.REQUEST}",
+            context=extract_context(msg.headers),
+            kind=SpanKind.SERVER,
+            attributes={"messaging.system": "nats", "gen_ai.operation.name": "chat"},
+        ) as span:
+            try:
+                req = self._request_decoder.decode(msg.data)
+                req.request_id = req.request_id or new_request_id()
+                request_id = req.request_id
+                span.set_attribute("epd.request_id", request_id)
+                span.set_attribute("gen_ai.request.model", req.model)
+                req.reply_to = msg.reply
+                if not msg.reply:
+                    raise ApiError(400, "publish the request with a reply subject to read its tokens")
+                await self.router.route(req)
+                metrics.REQUESTS.labels(req.model, "202").inc()
+            except (WireError, ApiError) as e:
+                status = e.status if isinstance(e, ApiError) else 400
+                span.set_attribute("epd.status", status)
+                metrics.REQUESTS.labels("", str(status)).inc()
+                metrics.ERRORS.labels("gateway", str(status)).inc()
+                if msg.reply:
+                    await self.rt.reply(
+                        msg.reply,
+                        ErrorReply(request_id=request_id, status=status, message=str(e), type="invalid_request_error"),
+                    )
 
     async def close(self) -> None:
         await self.rt.close()

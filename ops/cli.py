@@ -66,9 +66,17 @@ def parser() -> argparse.ArgumentParser:
     _common(g)
     g.add_argument("--topology", choices=TOPOLOGIES)
 
-    t = sub.add_parser("trace", help="print a request's spans as a tree")
-    t.add_argument("request_id", help="the `id` of a chat completion response, or a trace id")
+    t = sub.add_parser("trace", help="a request's waterfall, or the last or slowest requests")
+    t.add_argument("request_id", nargs="?", help="the `id` of a chat completion response, or a trace id")
     t.add_argument("--dir", type=Path, help="span files (default EPD_TRACE_DIR or .epd/traces)")
+    t.add_argument("--last", type=int, metavar="N", help="list the last N requests")
+    t.add_argument("--slowest", type=int, metavar="N", help="list the N slowest requests")
+    t.add_argument("--html", type=Path, metavar="FILE", help="also write the request's timeline as HTML")
+
+    st = sub.add_parser("status", help="live workers, their load and the stage queues, from NATS")
+    st.add_argument("--nats-url", help="the cluster's NATS (default EPD_NATS_URL, else what `epd up` wrote)")
+    st.add_argument("--workdir", type=Path, default=Path(".epd"), help="the `epd up` workdir (default .epd)")
+    st.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     m = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2-VL checkpoint")
     m.add_argument("out", type=Path)
@@ -80,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "trace":
         return _trace(args)
+    if args.command == "status":
+        return _status(args)
     if args.command == "make-tiny-model":
         from epd.ops.tiny_model import build_tiny_qwen2_vl
 
@@ -102,9 +112,10 @@ def main(argv: list[str] | None = None) -> int:
         from epd.gateway.app import create_app
         from epd.ops.tracing import setup_tracing
 
-        provider = setup_tracing("epd-gateway", settings.trace_dir)
+        provider = setup_tracing("epd-gateway", settings)
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
-        provider.shutdown()
+        if provider is not None:
+            provider.shutdown()
         return 0
     return 2
 
@@ -130,14 +141,59 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 def _trace(args: argparse.Namespace) -> int:
     import os
 
-    from epd.ops.trace_view import load_spans, render_tree, spans_for_request
+    from epd.ops import trace_view as tv
 
     trace_dir = args.dir or Path(os.environ.get("EPD_TRACE_DIR") or ".epd/traces")
-    spans = spans_for_request(load_spans(trace_dir), args.request_id)
+    spans = tv.load_spans(trace_dir)
+    if args.last or args.slowest:
+        summaries = tv.summarize(spans)
+        chosen = tv.last(summaries, args.last) if args.last else tv.slowest(summaries, args.slowest)
+        for t in chosen:
+            print(t.line())
+        return 0 if chosen else 1
+    if not args.request_id:
+        print("epd trace: give a request id, --last N or --slowest N", file=sys.stderr)
+        return 2
+    spans = tv.spans_for_request(spans, args.request_id)
     if not spans:
         print(f"epd trace: no spans for {args.request_id} in {trace_dir}", file=sys.stderr)
         return 1
-    print(render_tree(spans))
+    print(tv.render_tree(spans))
+    if args.html:
+        args.html.write_text(tv.render_html(spans), encoding="utf-8")
+        print(f"timeline written to {args.html}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+    import os
+
+    import nats
+    from epd.ops.status_view import gather_status, render_status
+    from epd.ops.up import ENDPOINTS_FILE
+
+    url = args.nats_url or os.environ.get("EPD_NATS_URL", "")
+    endpoints = args.workdir / ENDPOINTS_FILE
+    if not url and endpoints.exists():
+        url = json.loads(endpoints.read_text(encoding="utf-8"))["nats_url"]
+    if not url:
+        print(
+            f"epd status: no NATS URL: pass --nats-url, set EPD_NATS_URL, or run `epd up` ({endpoints})",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        workers, queues = asyncio.run(gather_status(url))
+    except (OSError, TimeoutError, nats.errors.Error) as e:
+        print(f"epd status: cannot reach NATS at {url}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        import msgspec
+
+        print(json.dumps({"workers": msgspec.to_builtins(workers), "queues": queues}, indent=2))
+    else:
+        print(render_status(workers, queues))
     return 0
 
 

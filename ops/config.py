@@ -13,6 +13,7 @@ from pathlib import Path
 
 TOPOLOGIES = ("epd", "e-pd", "e-p-d")
 ROLES = ("encode", "prefill", "decode", "pd", "epd")
+TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -44,6 +45,9 @@ class Settings:
     ack_wait_s: float = field(default_factory=lambda: float(_env("EPD_ACK_WAIT_S", "30")))
     max_deliver: int = field(default_factory=lambda: int(_env("EPD_MAX_DELIVER", "3")))
     trace_dir: str = field(default_factory=lambda: _env("EPD_TRACE_DIR", ""))
+    tracing: bool = field(default_factory=lambda: _env("EPD_TRACING", "on").lower() not in ("off", "0", "false"))
+    trace_sample_ratio: float = field(default_factory=lambda: float(_env("EPD_TRACE_SAMPLE_RATIO", "1.0")))
+    metrics_port: int = field(default_factory=lambda: int(_env("EPD_METRICS_PORT", "0")))
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -56,6 +60,10 @@ class Settings:
             raise ValueError(f"mooncake segment size {self.mooncake_segment_mb} MB is negative")
         if self.max_deliver < 1:
             raise ValueError(f"max_deliver {self.max_deliver} must be at least 1")
+        if not 0 <= self.trace_sample_ratio <= 1:
+            raise ValueError(f"trace sample ratio {self.trace_sample_ratio} is not in [0, 1]")
+        if not -1 <= self.metrics_port < 65536:
+            raise ValueError(f"metrics port {self.metrics_port} is out of range (-1 off, 0 any free port)")
         object.__setattr__(self, "model", Path(self.model))
 
     @property
@@ -84,6 +92,9 @@ class Settings:
             "EPD_ACK_WAIT_S": str(self.ack_wait_s),
             "EPD_MAX_DELIVER": str(self.max_deliver),
             "EPD_TRACE_DIR": self.trace_dir,
+            "EPD_TRACING": "on" if self.tracing else "off",
+            "EPD_TRACE_SAMPLE_RATIO": str(self.trace_sample_ratio),
+            "EPD_METRICS_PORT": str(self.metrics_port),
         }
         if self.served_model_name:
             out["EPD_SERVED_MODEL_NAME"] = self.served_model_name

@@ -3,7 +3,9 @@
 One trace per request: the gateway starts it; every NATS message carries
 `traceparent` in its headers; each stage continues it. `epd up` writes spans to
 `<trace_dir>/<service>-<pid>.jsonl`, which `epd trace` reads. The standard
-`OTEL_*` variables add an OTLP exporter.
+`OTEL_EXPORTER_OTLP_*` variables add an OTLP exporter (HTTP or gRPC). `EPD_TRACING=off`
+(or the standard `OTEL_SDK_DISABLED=true`) turns tracing off; `EPD_TRACE_SAMPLE_RATIO`
+samples that share of requests at the gateway, and every later stage follows its decision.
 """
 
 from __future__ import annotations
@@ -11,14 +13,20 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
+import xxhash
+from epd.ops.config import Settings
 from opentelemetry import context, trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 TRACER_NAME = "epd"
 
@@ -61,16 +69,59 @@ def span_record(span: ReadableSpan) -> dict:
     }
 
 
-def setup_tracing(service: str, trace_dir: str = "") -> TracerProvider:
-    """Install the global tracer provider for this process."""
-    provider = TracerProvider(resource=Resource.create({"service.name": service, "process.pid": os.getpid()}))
-    if trace_dir:
-        path = Path(trace_dir) / f"{service}-{os.getpid()}.jsonl"
+def setup_tracing(service: str, settings: Settings) -> TracerProvider | None:
+    """Install the global tracer provider for this process; None when tracing is off."""
+    if not settings.tracing or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
+        return None
+    provider = make_provider(service, settings.trace_sample_ratio)
+    if settings.trace_dir:
+        path = Path(settings.trace_dir) / f"{service}-{os.getpid()}.jsonl"
         provider.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(path), schedule_delay_millis=200))
     if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
         provider.add_span_processor(BatchSpanProcessor(_otlp_exporter()))
     trace.set_tracer_provider(provider)
     return provider
+
+
+def make_provider(service: str, sample_ratio: float = 1.0) -> TracerProvider:
+    """A provider with epd's sampler and span ids, and no exporter yet."""
+    return TracerProvider(
+        resource=Resource.create({"service.name": service, "process.pid": os.getpid()}),
+        sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
+        id_generator=_IdGenerator(),
+    )
+
+
+_fixed_span_id: ContextVar[int | None] = ContextVar("epd_fixed_span_id", default=None)
+
+
+class _IdGenerator(RandomIdGenerator):
+    """Random ids, except for a span started under `fixed_span_id`."""
+
+    def generate_span_id(self) -> int:
+        fixed = _fixed_span_id.get()
+        if fixed is not None:
+            _fixed_span_id.set(None)  # only the next span
+            return fixed
+        return super().generate_span_id()
+
+
+def attempt_span_id(trace_id: int, key: str) -> int:
+    """A span id every process derives alike from a trace and a key, e.g. a job's first delivery.
+
+    A redelivered job's span links to its first attempt's span without anyone storing its id.
+    """
+    return xxhash.xxh64_intdigest(f"{trace_id:032x}/{key}".encode()) or 1
+
+
+@contextmanager
+def fixed_span_id(span_id: int) -> Iterator[None]:
+    """The next span started in this block gets `span_id`."""
+    token = _fixed_span_id.set(span_id)
+    try:
+        yield
+    finally:
+        _fixed_span_id.reset(token)
 
 
 def _otlp_exporter() -> SpanExporter:

@@ -5,6 +5,7 @@ Every child dies with this process (PR_SET_PDEATHSIG) and is stopped on exit or 
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import subprocess
@@ -14,13 +15,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epd.ops.config import Settings
+from epd.ops.config import TOPOLOGY_ROLES, Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.processes import spawn, stop, wait_until
 
 log = logging.getLogger(__name__)
 
-TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
+ENDPOINTS_FILE = "endpoints.json"
 
 
 @dataclass
@@ -51,7 +52,8 @@ class Cluster:
                 for i in range((counts or {}).get(role, 1)):
                     self.add_worker(role, i)
             self.procs["gateway"] = self._spawn(["gateway"], "gateway")
-            wait_until(self._gateway_up, gateway_timeout_s, "gateway", self.procs["gateway"])
+            self._write_endpoints()
+            wait_until(self._ready, gateway_timeout_s, "gateway and workers", self.procs["gateway"])
         except BaseException:
             self.stop()
             raise
@@ -66,9 +68,22 @@ class Cluster:
         argv = [sys.executable, "-m", "epd.ops.cli", *args]
         return spawn(argv, self.workdir / "logs" / f"{name}.log", env=self.settings.env())
 
-    def _gateway_up(self) -> bool:
+    @property
+    def endpoints_file(self) -> Path:
+        """Where `epd status` and `epd trace` find this cluster's NATS and trace directory."""
+        return self.workdir / ENDPOINTS_FILE
+
+    def _write_endpoints(self) -> None:
+        s = self.settings
+        info = {"gateway": self.base_url, "nats_url": s.nats_url, "trace_dir": s.trace_dir, "topology": s.topology}
+        self.endpoints_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+
+    def _ready(self) -> bool:
+        """The gateway's /ready: NATS connected and a live worker of every role."""
+        if dead := self.dead():
+            raise RuntimeError(f"{', '.join(dead)} exited before the cluster was ready (see {self.workdir / 'logs'})")
         try:
-            with urllib.request.urlopen(self.base_url + "/health", timeout=1) as r:
+            with urllib.request.urlopen(self.base_url + "/ready", timeout=1) as r:
                 return r.status == 200
         except OSError:
             return False
@@ -79,6 +94,11 @@ class Cluster:
     def stop(self) -> None:
         stop(list(self.procs.values()))
         self.procs.clear()
+        try:  # only ours: another `epd up` may have taken the workdir since
+            if json.loads(self.endpoints_file.read_text(encoding="utf-8"))["nats_url"] == self.settings.nats_url:
+                self.endpoints_file.unlink()
+        except (OSError, ValueError, KeyError):
+            pass
         for infra in (self.master, self.nats):
             if infra is not None:
                 infra.stop()

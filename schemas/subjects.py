@@ -17,3 +17,8 @@ STREAMS = {"EPD_ENCODE": ENCODE, "EPD_PREFILL": PREFILL, "EPD_DECODE": DECODE}
 # headers
 REPLY_HEADER = "Epd-Reply-To"  # so that even an undecodable message can be answered
 REQUEST_ID_HEADER = "Epd-Request-Id"
+
+# key-value bucket of live workers (schemas.status.WorkerStatus); entries expire after the TTL
+WORKERS_BUCKET = "epd_workers"
+WORKER_TTL_S = 5.0
+HEARTBEAT_S = 1.0

@@ -7,6 +7,7 @@ import io
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 from epd.ops.config import Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
@@ -14,6 +15,8 @@ from epd.ops.processes import free_port
 from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
 from PIL import Image, ImageDraw
+
+MAX_NEW = 12  # tokens per answer in the end-to-end tests
 
 
 @pytest.fixture(scope="session")
@@ -61,6 +64,17 @@ def start_cluster(tiny_model: Path, workdir: Path, topology: str) -> Cluster:
     return Cluster(settings, workdir).start(gateway_timeout_s=180)
 
 
+@pytest.fixture(scope="session", params=["epd", "e-pd", "e-p-d"])
+def cluster(
+    request: pytest.FixtureRequest, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    """Each topology once per session; every module's end-to-end tests share it."""
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp(request.param), request.param)
+    yield c
+    c.stop()
+    assert not c.procs  # everything stopped
+
+
 def png_bytes(size: tuple[int, int] = (100, 80), color: tuple[int, int, int] = (255, 0, 0), shape: str = "") -> bytes:
     img = Image.new("RGB", size, (255, 255, 255) if shape else color)
     if shape == "circle":
@@ -72,3 +86,20 @@ def png_bytes(size: tuple[int, int] = (100, 80), color: tuple[int, int, int] = (
 
 def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def chat_body(question: str, image: bytes | None = None, **extra: object) -> dict:
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
+    content.append({"type": "text", "text": question})
+    return {
+        "model": "tiny-qwen2-vl",
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": MAX_NEW,
+        "temperature": 0,
+        **extra,
+    }
+
+
+async def post(cluster: Cluster, body: dict) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as client:
+        return await client.post("/v1/chat/completions", json=body)

@@ -119,3 +119,66 @@ async def test_a_request_that_exhausts_its_deliveries_is_answered(infra_settings
         await client.close()
         await rt.js.delete_stream("EPD_DEAD")
         await rt.close()
+
+
+class CrashOnceStage:
+    """The first delivery dies mid-work (no ack, as when the process is killed); the next one succeeds."""
+
+    name = "test-redeliver"
+    subject = "epd.redeliver.job"
+    capacity = 1
+    message_type = Cancel
+
+    def __init__(self) -> None:
+        self.attempts = 0
+
+    async def handle(self, job: Cancel) -> None:
+        self.attempts += 1
+        if self.attempts == 1:
+            raise asyncio.CancelledError  # escapes the error boundary: no reply, no ack
+
+
+async def test_a_redelivered_job_links_to_its_first_attempt(infra_settings: Settings) -> None:
+    from epd.ops.tracing import inject_headers, make_provider
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = make_provider("test-loop")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    trace.set_tracer_provider(provider)  # the loop uses the global provider
+
+    rt = await Runtime.start(infra_settings.replace(ack_wait_s=1.0), "test-redeliver")
+    await rt.js.add_stream(name="EPD_REDELIVER", subjects=["epd.redeliver.>"])
+    stage = CrashOnceStage()
+    loop = StageLoop(stage, rt)
+    task = asyncio.create_task(loop.run())
+    try:
+        with tracer.start_as_current_span("publisher") as publisher:
+            headers = inject_headers({"Nats-Msg-Id": "r1:test", subjects.REQUEST_ID_HEADER: "r1"})
+            await rt.js.publish(stage.subject, encode(Cancel(request_id="r1")), headers=headers)
+        for _ in range(100):  # redelivered after ack_wait (1 s)
+            if stage.attempts >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert stage.attempts == 2
+        for _ in range(50):
+            runs = [s for s in exporter.get_finished_spans() if s.name == f"{stage.name} {stage.subject}"]
+            if len(runs) == 2:
+                break
+            await asyncio.sleep(0.1)
+        first, second = sorted(runs, key=lambda s: s.attributes["epd.attempt"])
+        assert (first.attributes["epd.attempt"], second.attributes["epd.attempt"]) == (1, 2)
+        pub = publisher.get_span_context()
+        assert first.parent.span_id == pub.span_id and second.parent.span_id == pub.span_id
+        assert [lk.context.span_id for lk in second.links] == [first.context.span_id]
+        assert second.links[0].context.trace_id == pub.trace_id
+        queues = [s for s in exporter.get_finished_spans() if s.name == f"queue {stage.name}"]
+        assert len(queues) == 2 and all(s.end_time >= s.start_time for s in queues)
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+        await rt.js.delete_stream("EPD_REDELIVER")
+        await rt.close()

@@ -7,9 +7,11 @@ worker) and the pd / epd roles (KV never leaves the process).
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass
 
 from epd.connectors.kv import KVConnector
+from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import FinishReason, SamplingParams, Usage
@@ -67,23 +69,47 @@ class Decoder:
         self.max_len = ckpt.max_model_len()
 
     async def generate(self, gen: Generation, state: DecodeState) -> None:
-        with tracer().start_as_current_span("decode", attributes={"epd.request_id": gen.request_id}) as span:
-            while True:
-                if gen.request_id in self.rt.cancelled:
-                    await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, None, FinishReason.ABORT))
-                    break
-                logits = await asyncio.to_thread(self.family.decode, state, gen.tokens[-1])
-                token = sample(logits, gen.sampling, state.position)
-                gen.tokens.append(token)
-                reason = finish_reason(
-                    token, len(gen.tokens), gen.prompt_tokens + len(gen.tokens), gen.sampling, self.eos, self.max_len
-                )
-                await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, reason))
-                gen.seq += 1
-                if reason:
-                    break
+        load = self.rt.load
+        held = gen.prompt_tokens + len(gen.tokens)  # tokens whose KV this generation holds
+        load.kv_tokens += held
+        metrics.ACTIVE_SEQUENCES.labels("decode").inc()
+        metrics.KV_TOKENS.labels("decode").set(load.kv_tokens)
+        started, steps = time.perf_counter(), 0
+        with tracer().start_as_current_span(
+            "decode", attributes={"epd.request_id": gen.request_id, "gen_ai.usage.input_tokens": gen.prompt_tokens}
+        ) as span:
+            try:
+                while True:
+                    if gen.request_id in self.rt.cancelled:
+                        await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, None, FinishReason.ABORT))
+                        span.set_attribute("gen_ai.response.finish_reasons", ("abort",))
+                        break
+                    metrics.BATCH_SIZE.labels("decode").observe(1)
+                    logits = await asyncio.to_thread(self.family.decode, state, gen.tokens[-1])
+                    token = sample(logits, gen.sampling, state.position)
+                    gen.tokens.append(token)
+                    steps += 1
+                    load.kv_tokens += 1
+                    reason = finish_reason(
+                        token,
+                        len(gen.tokens),
+                        gen.prompt_tokens + len(gen.tokens),
+                        gen.sampling,
+                        self.eos,
+                        self.max_len,
+                    )
+                    await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, reason))
+                    gen.seq += 1
+                    if reason:
+                        span.set_attribute("gen_ai.response.finish_reasons", (reason.name.lower(),))
+                        break
+            finally:
+                load.kv_tokens -= held + steps
+                metrics.ACTIVE_SEQUENCES.labels("decode").dec()
+                metrics.KV_TOKENS.labels("decode").set(load.kv_tokens)
             span.set_attribute("gen_ai.usage.output_tokens", len(gen.tokens))
-            span.set_attribute("gen_ai.usage.input_tokens", gen.prompt_tokens)
+            if steps:
+                span.set_attribute("epd.tpot_ms", round((time.perf_counter() - started) * 1e3 / steps, 3))
 
 
 class DecodeStage:
@@ -98,6 +124,7 @@ class DecodeStage:
     async def handle(self, job: KVReady) -> None:
         with tracer().start_as_current_span("kv.recv", attributes={"epd.bytes": job.kv.nbytes}):
             kv = await self.kv.recv(job.kv)
+        metrics.CONNECTOR_BYTES.labels("kv", "load").inc(job.kv.nbytes)
         await self.kv.release(job.kv)
         state = self.family.start_decode(kv, job.rope_delta)
         gen = Generation(

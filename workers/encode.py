@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from epd.connectors.ec import ECConnector
+from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding
@@ -25,12 +26,19 @@ async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list
     refs = [ImageEmbedding(key=k) for k in job.keys]
     if not pictures:
         return refs
-    with tracer().start_as_current_span("encode", attributes={"epd.images": len(pictures)}):
+    with tracer().start_as_current_span(
+        "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
+    ):
+        metrics.BATCH_SIZE.labels("encode").observe(len(pictures))
         encoded = await asyncio.to_thread(family.encode, pictures)
     for i, enc in zip(job.missing, encoded, strict=True):
-        with tracer().start_as_current_span("ec.save") as span:
+        with tracer().start_as_current_span(
+            "ec.save", attributes={"epd.image": i, "epd.hit": False, "epd.key": job.keys[i]}
+        ) as span:
             refs[i] = await ec.save(job.keys[i], enc.embedding, enc.grid_thw)
-            span.set_attribute("epd.bytes", refs[i].tensor.nbytes if refs[i].tensor else 0)
+            nbytes = refs[i].tensor.nbytes if refs[i].tensor else 0
+            span.set_attribute("epd.bytes", nbytes)
+            metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
     return refs
 
 

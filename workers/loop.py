@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from contextlib import nullcontext
 from typing import Any, Protocol
 
 import nats
-from epd.ops.tracing import extract_context, tracer
+from epd.ops import metrics
+from epd.ops.tracing import attempt_span_id, extract_context, fixed_span_id, tracer
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, WireError
 from epd.schemas.reply import ErrorReply
 from epd.workers.runtime import Runtime
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
-from opentelemetry.trace import Link, SpanKind, Status, StatusCode
+from opentelemetry.context import Context
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +67,7 @@ class StageLoop:
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=s.ack_wait_s, max_deliver=s.max_deliver, max_ack_pending=-1
             ),
         )
+        self.rt.load.capacity += self.stage.capacity
         log.info("%s: consuming %s (capacity %d)", self.stage.name, self.stage.subject, self.stage.capacity)
         while not self._stopping.is_set():
             free = self.stage.capacity - len(self._tasks)
@@ -88,15 +93,30 @@ class StageLoop:
         headers = msg.headers or {}
         request_id = headers.get(subjects.REQUEST_ID_HEADER, "")
         reply_to = headers.get(subjects.REPLY_HEADER, "")
+        stage = self.stage.name
+        parent = extract_context(headers)
         attempt = msg.metadata.num_delivered
-        links = [Link(trace.get_current_span(extract_context(headers)).get_span_context())] if attempt > 1 else []
-        with tracer().start_as_current_span(
-            f"{self.stage.name} {self.stage.subject}",
-            context=extract_context(headers),
-            kind=SpanKind.CONSUMER,
-            links=links,
-            attributes={"epd.request_id": request_id, "epd.stage": self.stage.name, "epd.attempt": attempt},
-        ) as span:
+        _queue_span(stage, parent, msg, request_id, attempt)
+        # The first delivery's span id is derived from the message, so a redelivery can link to it.
+        origin = trace.get_current_span(parent).get_span_context()
+        first_id = attempt_span_id(origin.trace_id, headers.get("Nats-Msg-Id", f"{request_id}:{stage}"))
+        links = []
+        if attempt > 1 and origin.is_valid:
+            first = SpanContext(origin.trace_id, first_id, is_remote=True, trace_flags=origin.trace_flags)
+            links.append(Link(first, {"epd.link": "first attempt"}))
+        with fixed_span_id(first_id) if attempt == 1 else nullcontext():
+            span = tracer().start_span(
+                f"{stage} {self.stage.subject}",
+                context=parent,
+                kind=SpanKind.CONSUMER,
+                links=links,
+                attributes={"epd.request_id": request_id, "epd.stage": stage, "epd.attempt": attempt},
+            )
+        load = self.rt.load
+        load.active += 1
+        metrics.IN_FLIGHT.labels(stage).inc()
+        started = time.perf_counter()
+        with trace.use_span(span, end_on_exit=True):
             keepalive = asyncio.create_task(self._keep_alive(msg))
             try:
                 await self.stage.handle(self._decoder.decode(msg.data))
@@ -105,10 +125,14 @@ class StageLoop:
             except RequestFailed as e:
                 await self._fail(span, request_id, reply_to, e.status, str(e), e.type)
             except Exception as e:  # the per-request error boundary: this request fails, the worker serves on
-                log.exception("%s: request %s failed", self.stage.name, request_id)
+                log.exception("%s: request %s failed", stage, request_id)
                 await self._fail(span, request_id, reply_to, 500, f"{type(e).__name__}: {e}", "server_error")
             finally:
                 keepalive.cancel()
+                load.active -= 1
+                load.served += 1
+                metrics.IN_FLIGHT.labels(stage).dec()
+                metrics.STAGE_DURATION.labels(stage).observe(time.perf_counter() - started)
             await msg.ack()
 
     async def _keep_alive(self, msg: nats.aio.msg.Msg) -> None:
@@ -120,6 +144,31 @@ class StageLoop:
         self, span: trace.Span, request_id: str, reply_to: str, status: int, message: str, type_: str
     ) -> None:
         span.set_status(Status(StatusCode.ERROR, message))
+        span.set_attribute("error.type", type_)
+        self.rt.load.failed += 1
+        metrics.ERRORS.labels(self.stage.name, type_).inc()
         log.warning("%s: request %s -> %d %s", self.stage.name, request_id, status, message)
         error = ErrorReply(request_id=request_id, seq=-1, status=status, message=message, type=type_)
         await self.rt.reply(reply_to, error)
+
+
+def _queue_span(stage: str, parent: Context, msg: nats.aio.msg.Msg, request_id: str, attempt: int) -> None:
+    """The time a job sat in its stream: from JetStream storing it to this worker fetching it."""
+    stored_ns = int(msg.metadata.timestamp.timestamp() * 1e9)
+    now_ns = time.time_ns()
+    waited_ns = max(0, now_ns - stored_ns)
+    metrics.QUEUE_WAIT.labels(stage).observe(waited_ns / 1e9)
+    span = tracer().start_span(
+        f"queue {stage}",
+        context=parent,
+        kind=SpanKind.INTERNAL,
+        start_time=min(stored_ns, now_ns),
+        attributes={
+            "epd.request_id": request_id,
+            "epd.stage": stage,
+            "epd.attempt": attempt,
+            "messaging.system": "nats",
+            "messaging.destination.name": msg.subject,
+        },
+    )
+    span.end(end_time=now_ns)

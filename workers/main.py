@@ -7,9 +7,11 @@ import logging
 import signal
 
 from epd.ops.config import Settings
+from epd.ops.metrics import serve_metrics
 from epd.ops.tracing import setup_tracing
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
+from epd.workers.heartbeat import Heartbeat
 from epd.workers.loop import StageLoop
 from epd.workers.roles import build_stages
 from epd.workers.runtime import Runtime
@@ -18,20 +20,33 @@ log = logging.getLogger(__name__)
 
 
 async def run_worker(role: str, settings: Settings) -> None:
-    provider = setup_tracing(f"epd-{role}", settings.trace_dir)
+    provider = setup_tracing(f"epd-{role}", settings)
     ckpt = Checkpoint.open(settings.model)
     family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype)
     rt = await Runtime.start(settings, name=f"epd-{role}")
     stages, store = build_stages(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in stages]
+    metrics_url = serve_metrics(settings.bind_host, settings.metrics_port)
+    heartbeat = Heartbeat(rt, role, [(s.name, s.subject) for s in stages], metrics_url)
+    stopping = asyncio.Event()
+
+    def stop() -> None:
+        stopping.set()
+        for lp in loops:
+            lp.stop()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: [lp.stop() for lp in loops])
-    log.info("worker %s ready: model %s", role, settings.model)
+        loop.add_signal_handler(sig, stop)
+    log.info("worker %s (%s) ready: model %s, metrics %s", role, heartbeat.worker_id, settings.model, metrics_url)
+    beating = asyncio.create_task(heartbeat.run(stopping))
     try:
         await asyncio.gather(*(lp.run() for lp in loops))
     finally:
+        stopping.set()
+        await beating
         await rt.close()
         if store is not None:
             store.close()
-        provider.shutdown()
+        if provider is not None:
+            provider.shutdown()

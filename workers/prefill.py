@@ -7,6 +7,7 @@ from collections.abc import Awaitable, Callable
 
 from epd.connectors.ec import ECConnector
 from epd.connectors.kv import KVConnector
+from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding
@@ -64,7 +65,15 @@ class PrefillStage:
             raise RequestFailed(400, str(e)) from None
         if len(ids) >= self.max_len:
             raise RequestFailed(400, f"prompt is {len(ids)} tokens; the model's maximum length is {self.max_len}")
-        with tracer().start_as_current_span("prefill.forward", attributes={"gen_ai.usage.input_tokens": len(ids)}):
+        with tracer().start_as_current_span(
+            "prefill.forward",
+            attributes={
+                "gen_ai.request.model": req.model,
+                "gen_ai.usage.input_tokens": len(ids),
+                "epd.images": len(images),
+            },
+        ):
+            metrics.BATCH_SIZE.labels("prefill").observe(1)
             out = await asyncio.to_thread(self.family.prefill, ids, images)
         first = sample(out.logits, req.sampling, len(ids))
         gen = Generation(
@@ -79,10 +88,20 @@ class PrefillStage:
         """Every image's embedding, from the cache or encoded inline; None if re-routed to encoders."""
         refs: list[ImageEmbedding] = job.images
         loaded: list[Encoded | None] = []
-        for ref in refs:
-            with tracer().start_as_current_span("ec.load", attributes={"epd.key": ref.key}) as span:
+        for i, ref in enumerate(refs):
+            with tracer().start_as_current_span("ec.load", attributes={"epd.image": i, "epd.key": ref.key}) as span:
                 hit = await self.ec.load(ref.key)
                 span.set_attribute("epd.hit", hit is not None)
+                if hit is not None:
+                    nbytes = hit[0].numel() * hit[0].element_size()
+                    span.set_attribute("epd.bytes", nbytes)
+                    metrics.CONNECTOR_BYTES.labels("ec", "load").inc(nbytes)
+            result = "miss" if hit is None else "hit"
+            metrics.EC_LOOKUPS.labels("prefill", result).inc()
+            if hit is None:
+                self.rt.load.ec_misses += 1
+            else:
+                self.rt.load.ec_hits += 1
             loaded.append(None if hit is None else Encoded(*hit))
         missing = [i for i, e in enumerate(loaded) if e is None]
         if not missing:
@@ -102,10 +121,10 @@ def remote_decode(rt: Runtime, kv: KVConnector) -> Handoff:
     """e-p-d: ship the KV through the connector and tell the decoders."""
 
     async def handoff(gen: Generation, out: Prefilled) -> None:
-        with tracer().start_as_current_span(
-            "kv.send", attributes={"epd.bytes": out.kv.numel() * out.kv.element_size()}
-        ):
+        nbytes = out.kv.numel() * out.kv.element_size()
+        with tracer().start_as_current_span("kv.send", attributes={"epd.bytes": nbytes, "epd.layers": out.kv.shape[0]}):
             handle = await kv.send(gen.request_id, out.kv)
+        metrics.CONNECTOR_BYTES.labels("kv", "save").inc(nbytes)
         ready = KVReady(
             request_id=gen.request_id,
             reply_to=gen.reply_to,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 
 import msgspec
 import nats
@@ -60,14 +61,28 @@ class Cancellations:
         return request_id in self._ids
 
 
+@dataclass
+class Load:
+    """What this process is doing, for its heartbeat (schemas.status.WorkerStatus)."""
+
+    capacity: int = 0
+    active: int = 0
+    served: int = 0
+    failed: int = 0
+    ec_hits: int = 0
+    ec_misses: int = 0
+    kv_tokens: int = 0
+
+
 class Runtime:
-    """A worker's I/O: publish to a stage, reply to a client, hear cancels."""
+    """A worker's I/O: publish to a stage, reply to a client, hear cancels; and its load counters."""
 
     def __init__(self, settings: Settings, nc: nats.NATS) -> None:
         self.settings = settings
         self.nc = nc
         self.js = nc.jetstream()
         self.cancelled = Cancellations()
+        self.load = Load()
         self._cancel_decoder = Decoder(Cancel)
 
     @classmethod

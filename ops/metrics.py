@@ -1,0 +1,57 @@
+"""Prometheus metrics of every epd process, defined in one place so their names are easy to find.
+
+The gateway serves them at `GET /metrics`; each worker on its own port (`EPD_METRICS_PORT`,
+0 picks a free one, -1 turns it off). Every metric has a label, so a process only exports the
+series it actually touched.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
+disable_created_metrics()  # no `_created` series: Prometheus does not need them
+
+# latency buckets from 5 ms to 2 min; per-token buckets from 1 ms to 5 s
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_PER_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+# -- gateway: what a client sees
+REQUESTS = Counter("epd_requests", "Requests answered by the gateway, by HTTP status", ["model", "status"])
+TTFT = Histogram("epd_time_to_first_token_seconds", "Request arrival to first token", ["model"], buckets=_LATENCY)
+TPOT = Histogram(
+    "epd_time_per_output_token_seconds", "Mean time between output tokens of a request", ["model"], buckets=_PER_TOKEN
+)
+E2E = Histogram("epd_e2e_request_latency_seconds", "Request arrival to last token", ["model"], buckets=_LATENCY)
+PROMPT_TOKENS = Counter("epd_prompt_tokens", "Prompt tokens of finished requests", ["model"])
+GENERATION_TOKENS = Counter("epd_generation_tokens", "Tokens generated for finished requests", ["model"])
+
+# -- every stage
+ERRORS = Counter("epd_errors", "Requests answered with an error, by where and error type", ["stage", "type"])
+QUEUE_WAIT = Histogram(
+    "epd_queue_wait_seconds", "Time a job waited in its JetStream stream, publish to fetch", ["stage"], buckets=_LATENCY
+)
+QUEUE_DEPTH = Gauge("epd_queue_depth", "Jobs waiting in a stage's stream, not yet delivered", ["stage"])
+STAGE_DURATION = Histogram("epd_stage_duration_seconds", "Time a worker spent on one job", ["stage"], buckets=_LATENCY)
+IN_FLIGHT = Gauge("epd_in_flight_jobs", "Jobs a worker is working on", ["stage"])
+BATCH_SIZE = Histogram(
+    "epd_batch_size",
+    "Items per forward pass: images (encode), prompts (prefill), sequences (decode)",
+    ["stage"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+
+# -- connectors and caches
+EC_LOOKUPS = Counter("epd_encoder_cache_lookups", "Encoder-cache lookups, by result (hit, miss)", ["where", "result"])
+CONNECTOR_BYTES = Counter(
+    "epd_connector_bytes", "Bytes moved by a connector", ["connector", "direction"]
+)  # connector: ec | kv; direction: save | load
+KV_TOKENS = Gauge("epd_kv_cache_tokens", "Tokens of KV cache held by running generations", ["stage"])
+ACTIVE_SEQUENCES = Gauge("epd_active_sequences", "Sequences being decoded", ["stage"])
+
+
+def serve_metrics(host: str, port: int) -> str:
+    """Start the Prometheus endpoint in a thread; returns its URL, or '' when `port` is negative."""
+    if port < 0:
+        return ""
+    server, _ = start_http_server(port, addr=host)
+    return f"http://{host}:{server.server_port}/metrics"

@@ -1,0 +1,57 @@
+"""`epd status`: the live worker pool and the stage queues, read from NATS."""
+
+from __future__ import annotations
+
+import time
+
+import nats
+from epd.schemas import subjects
+from epd.schemas.status import WorkerStatus
+from epd.workers.heartbeat import live_workers
+
+
+async def gather_status(nats_url: str) -> tuple[list[WorkerStatus], dict[str, dict[str, int]]]:
+    """Live workers, and per stage stream: jobs waiting, jobs being worked on."""
+    nc = await nats.connect(nats_url, name="epd-status", connect_timeout=5, max_reconnect_attempts=1)
+    try:
+        js = nc.jetstream()
+        workers = await live_workers(js)
+        queues = {}
+        for stream, subject in subjects.STREAMS.items():
+            stage = subject.rsplit(".", 1)[-1]
+            try:
+                info = await js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                continue
+            waiting, working = info.state.messages, 0
+            try:
+                consumer = await js.consumer_info(stream, stage)
+                waiting, working = consumer.num_pending, consumer.num_ack_pending
+            except nats.js.errors.NotFoundError:
+                pass  # no worker of this stage ever started
+            queues[stage] = {"waiting": waiting, "working": working}
+        return workers, queues
+    finally:
+        await nc.close()
+
+
+def render_status(workers: list[WorkerStatus], queues: dict[str, dict[str, int]], now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    lines = [
+        f"{'role':<8} {'worker':<34} {'load':>6} {'served':>7} {'failed':>7} {'ec hit':>7} {'kv tok':>7} "
+        f"{'beat':>6}  metrics"
+    ]
+    for w in sorted(workers, key=lambda w: (w.role, w.worker_id)):
+        lookups = w.ec_hits + w.ec_misses
+        hit = f"{100 * w.ec_hits / lookups:.0f}%" if lookups else "-"
+        lines.append(
+            f"{w.role:<8} {w.worker_id:<34} {f'{w.active}/{w.capacity}':>6} {w.served:>7} {w.failed:>7} {hit:>7} "
+            f"{w.kv_tokens:>7} {f'{now - w.updated_at:.1f}s':>6}  {w.metrics_url or '-'}"
+        )
+    if not workers:
+        lines.append("(no live workers)")
+    lines.append("")
+    lines.append(f"{'queue':<8} {'waiting':>8} {'working':>8}")
+    for stage, q in queues.items():
+        lines.append(f"{stage:<8} {q['waiting']:>8} {q['working']:>8}")
+    return "\n".join(lines)

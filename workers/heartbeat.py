@@ -1,0 +1,114 @@
+"""A worker's heartbeat: its status in the NATS key-value bucket of live workers, every second.
+
+The bucket's TTL drops a worker that stops beating (crashed, partitioned) within a few seconds;
+a worker that stops cleanly deletes its own entry. Each beat also reads its stages' queue depths
+from JetStream into the `epd_queue_depth` gauge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+
+import nats
+from epd.ops import metrics
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, WireError, encode
+from epd.schemas.status import WorkerStatus
+from epd.workers.runtime import Runtime
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+log = logging.getLogger(__name__)
+
+STAGE_STREAMS = {subject: name for name, subject in subjects.STREAMS.items()}
+_status_decoder: Decoder[WorkerStatus] = Decoder(WorkerStatus)
+
+
+async def workers_bucket(js: nats.js.JetStreamContext) -> KeyValue:
+    """The live-workers bucket, created on first use by whichever process comes first."""
+    try:
+        return await js.key_value(subjects.WORKERS_BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        return await js.create_key_value(
+            KeyValueConfig(bucket=subjects.WORKERS_BUCKET, ttl=subjects.WORKER_TTL_S, history=1)
+        )
+
+
+class Heartbeat:
+    def __init__(self, rt: Runtime, role: str, stages: list[tuple[str, str]], metrics_url: str) -> None:
+        """`stages`: (durable consumer name, subject) of each stage this worker runs."""
+        self.rt, self.role, self.stages, self.metrics_url = rt, role, stages, metrics_url
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.key = f"{role}.{self.worker_id}"
+        self.started_at = time.time()
+        self._kv: KeyValue | None = None
+
+    def status(self) -> WorkerStatus:
+        load = self.rt.load
+        return WorkerStatus(
+            worker_id=self.worker_id,
+            role=self.role,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=self.started_at,
+            updated_at=time.time(),
+            metrics_url=self.metrics_url,
+            capacity=load.capacity,
+            active=load.active,
+            served=load.served,
+            failed=load.failed,
+            ec_hits=load.ec_hits,
+            ec_misses=load.ec_misses,
+            kv_tokens=load.kv_tokens,
+        )
+
+    async def beat(self) -> None:
+        if self._kv is None:
+            self._kv = await workers_bucket(self.rt.js)
+        await self._kv.put(self.key, encode(self.status()))
+        for durable, subject in self.stages:
+            info = await self.rt.js.consumer_info(STAGE_STREAMS[subject], durable)
+            metrics.QUEUE_DEPTH.labels(durable).set(info.num_pending)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Beat every `HEARTBEAT_S` until `stop` is set, then leave the pool."""
+        while not stop.is_set():
+            try:
+                await self.beat()
+            except (nats.errors.Error, asyncio.TimeoutError) as e:  # NATS away: the next beat retries
+                log.warning("heartbeat failed: %s", e)
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=subjects.HEARTBEAT_S)
+            except asyncio.TimeoutError:
+                pass
+        if self._kv is not None:
+            try:
+                await self._kv.delete(self.key)
+            except (nats.errors.Error, asyncio.TimeoutError) as e:
+                log.warning("could not leave the worker pool (the TTL will): %s", e)
+
+
+async def live_workers(js: nats.js.JetStreamContext) -> list[WorkerStatus]:
+    """Every worker whose heartbeat is within the TTL, oldest first."""
+    kv = await workers_bucket(js)
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    out = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:  # expired or left between keys() and get()
+            continue
+        if entry.value:
+            try:
+                out.append(_status_decoder.decode(entry.value))
+            except WireError:
+                log.warning("ignoring a malformed heartbeat under %s", key)
+    return sorted(out, key=lambda w: w.started_at)
