@@ -28,7 +28,7 @@ class MooncakeStore:
         self._store = MooncakeDistributedStore()
         segment = (settings.mooncake_segment_mb if segment_mb is None else segment_mb) << 20
         rc = self._store.setup(
-            settings.bind_host,
+            settings.reachable_host,  # the address other clients read this segment at
             settings.mooncake_metadata,
             segment,
             16 << 20,  # local transfer buffer

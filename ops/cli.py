@@ -78,6 +78,15 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--workdir", type=Path, default=Path(".epd"), help="the `epd up` workdir (default .epd)")
     st.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    mm = sub.add_parser("mooncake-master", help="run mooncake_master from the wheel (for deployments)")
+    mm.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    mm.add_argument("--rpc-port", type=int, default=50051)
+    mm.add_argument("--metadata-port", type=int, default=8080, help="HTTP metadata server")
+    mm.add_argument("--metrics-port", type=int, default=9003)
+
+    hc = sub.add_parser("healthcheck", help="exit 0 when URL answers 200 (container healthchecks)")
+    hc.add_argument("--url", help="default: the gateway's /health at EPD_PORT")
+
     m = sub.add_parser("make-tiny-model", help="write a tiny random-weight Qwen2-VL checkpoint")
     m.add_argument("out", type=Path)
     return ap
@@ -90,6 +99,15 @@ def main(argv: list[str] | None = None) -> int:
         return _trace(args)
     if args.command == "status":
         return _status(args)
+    if args.command == "healthcheck":
+        return _healthcheck(args)
+    if args.command == "mooncake-master":
+        import os
+
+        from epd.ops.infra import master_argv
+
+        argv = master_argv(args.host, args.rpc_port, args.metadata_port, args.metrics_port)
+        os.execv(argv[0], argv)
     if args.command == "make-tiny-model":
         from epd.ops.tiny_model import build_tiny_qwen2_vl
 
@@ -163,6 +181,19 @@ def _trace(args: argparse.Namespace) -> int:
         args.html.write_text(tv.render_html(spans), encoding="utf-8")
         print(f"timeline written to {args.html}")
     return 0
+
+
+def _healthcheck(args: argparse.Namespace) -> int:
+    import os
+    import urllib.request
+
+    url = args.url or f"http://127.0.0.1:{os.environ.get('EPD_PORT', '8000')}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as r:
+            return 0 if r.status == 200 else 1
+    except OSError as e:
+        print(f"epd healthcheck: {url}: {e}", file=sys.stderr)
+        return 1
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,7 @@ class Settings:
     mooncake_metadata: str = field(default_factory=lambda: _env("EPD_MOONCAKE_METADATA", ""))
     mooncake_segment_mb: int = field(default_factory=lambda: int(_env("EPD_MOONCAKE_SEGMENT_MB", "256")))
     bind_host: str = field(default_factory=lambda: _env("EPD_BIND_HOST", "127.0.0.1"))
+    advertise_host: str = field(default_factory=lambda: _env("EPD_ADVERTISE_HOST", ""))
     host: str = field(default_factory=lambda: _env("EPD_HOST", "127.0.0.1"))
     port: int = field(default_factory=lambda: int(_env("EPD_PORT", "8000")))
     device: str = field(default_factory=lambda: _env("EPD_DEVICE", "cpu"))
@@ -67,6 +69,21 @@ class Settings:
         object.__setattr__(self, "model", Path(self.model))
 
     @property
+    def reachable_host(self) -> str:
+        """The address other processes reach this one's listeners at (Mooncake segments, metrics).
+
+        `EPD_ADVERTISE_HOST`, else the bind address, else (bound to every interface) this host's address.
+        """
+        if self.advertise_host:
+            return self.advertise_host
+        if self.bind_host not in ("0.0.0.0", "::"):
+            return self.bind_host
+        try:
+            return socket.gethostbyname(socket.gethostname())
+        except OSError:
+            return "127.0.0.1"
+
+    @property
     def model_name(self) -> str:
         """The name clients put in `model`: the flag, else the checkpoint folder's name."""
         return self.served_model_name or self.model.name
@@ -84,6 +101,7 @@ class Settings:
             "EPD_MOONCAKE_METADATA": self.mooncake_metadata,
             "EPD_MOONCAKE_SEGMENT_MB": str(self.mooncake_segment_mb),
             "EPD_BIND_HOST": self.bind_host,
+            "EPD_ADVERTISE_HOST": self.advertise_host,
             "EPD_HOST": self.host,
             "EPD_PORT": str(self.port),
             "EPD_DEVICE": self.device,

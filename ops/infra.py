@@ -80,17 +80,7 @@ class MooncakeMaster:
         self.rpc_port = self.rpc_port or free_port(self.host)
         self.metadata_port = self.metadata_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
-        argv = [
-            find_binary("mooncake_master"),
-            f"--rpc_address={self.host}",
-            f"--rpc_port={self.rpc_port}",
-            "--enable_http_metadata_server=true",
-            f"--http_metadata_server_host={self.host}",
-            f"--http_metadata_server_port={self.metadata_port}",
-            f"--metrics_host={self.host}",
-            f"--metrics_port={self.metrics_port}",
-            f"--default_kv_lease_ttl={self.lease_ttl_ms}",
-        ]
+        argv = master_argv(self.host, self.rpc_port, self.metadata_port, self.metrics_port, self.lease_ttl_ms)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.proc = spawn(argv, self.workdir / "mooncake_master.log")
         wait_until(
@@ -104,3 +94,18 @@ class MooncakeMaster:
     def stop(self) -> None:
         if self.proc:
             stop([self.proc])
+
+
+def master_argv(host: str, rpc_port: int, metadata_port: int, metrics_port: int, lease_ttl_ms: int = 200) -> list[str]:
+    """`mooncake_master` from the wheel, with its HTTP metadata server; `epd mooncake-master` runs it too."""
+    return [
+        find_binary("mooncake_master"),
+        f"--rpc_address={host}",
+        f"--rpc_port={rpc_port}",
+        "--enable_http_metadata_server=true",
+        f"--http_metadata_server_host={host}",
+        f"--http_metadata_server_port={metadata_port}",
+        f"--metrics_host={host}",
+        f"--metrics_port={metrics_port}",
+        f"--default_kv_lease_ttl={lease_ttl_ms}",
+    ]

@@ -49,9 +49,9 @@ KV_TOKENS = Gauge("epd_kv_cache_tokens", "Tokens of KV cache held by running gen
 ACTIVE_SEQUENCES = Gauge("epd_active_sequences", "Sequences being decoded", ["stage"])
 
 
-def serve_metrics(host: str, port: int) -> str:
+def serve_metrics(bind_host: str, port: int, reachable_host: str) -> str:
     """Start the Prometheus endpoint in a thread; returns its URL, or '' when `port` is negative."""
     if port < 0:
         return ""
-    server, _ = start_http_server(port, addr=host)
-    return f"http://{host}:{server.server_port}/metrics"
+    server, _ = start_http_server(port, addr=bind_host)
+    return f"http://{reachable_host}:{server.server_port}/metrics"

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import base64
+import http.server
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.processes import free_port
 from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
 from PIL import Image, ImageDraw
 
 MAX_NEW = 12  # tokens per answer in the end-to-end tests
@@ -103,3 +106,47 @@ def chat_body(question: str, image: bytes | None = None, **extra: object) -> dic
 async def post(cluster: Cluster, body: dict) -> httpx.Response:
     async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as client:
         return await client.post("/v1/chat/completions", json=body)
+
+
+class Received:
+    """Span names and service names an OTLP receiver got."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.services: set[str] = set()
+        self.lock = threading.Lock()
+
+    def add(self, req: pb.ExportTraceServiceRequest) -> None:
+        with self.lock:
+            for rs in req.resource_spans:
+                for a in rs.resource.attributes:
+                    if a.key == "service.name":
+                        self.services.add(a.value.string_value)
+                for ss in rs.scope_spans:
+                    self.names.extend(s.name for s in ss.spans)
+
+
+@pytest.fixture
+def otlp_http() -> Iterator[tuple[str, Received]]:
+    got = Received()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/v1/traces":
+                got.add(pb.ExportTraceServiceRequest.FromString(body))
+            out = pb.ExportTraceServiceResponse().SerializeToString()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", str(len(out)))
+            self.end_headers()
+            self.wfile.write(out)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", got
+    server.shutdown()
+    server.server_close()

@@ -1,11 +1,9 @@
 """Span export as an operator configures it: OTLP over HTTP and gRPC from the standard variables,
 the JSON-lines file, sampling, and off. Each case runs in a fresh process (a provider is global)."""
 
-import http.server
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -15,6 +13,8 @@ import pytest
 from epd.ops.processes import free_port
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc as pb_grpc
+
+from .conftest import Received
 
 pytestmark = pytest.mark.integration
 
@@ -30,50 +30,6 @@ for i in range({SPANS}):
 if provider is not None:
     provider.shutdown()
 """
-
-
-class Received:
-    """Span names and service names an OTLP receiver got."""
-
-    def __init__(self) -> None:
-        self.names: list[str] = []
-        self.services: set[str] = set()
-        self.lock = threading.Lock()
-
-    def add(self, req: pb.ExportTraceServiceRequest) -> None:
-        with self.lock:
-            for rs in req.resource_spans:
-                for a in rs.resource.attributes:
-                    if a.key == "service.name":
-                        self.services.add(a.value.string_value)
-                for ss in rs.scope_spans:
-                    self.names.extend(s.name for s in ss.spans)
-
-
-@pytest.fixture
-def otlp_http() -> Iterator[tuple[str, Received]]:
-    got = Received()
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_POST(self) -> None:  # noqa: N802 - http.server's name
-            body = self.rfile.read(int(self.headers["Content-Length"]))
-            if self.path == "/v1/traces":
-                got.add(pb.ExportTraceServiceRequest.FromString(body))
-            out = pb.ExportTraceServiceResponse().SerializeToString()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", str(len(out)))
-            self.end_headers()
-            self.wfile.write(out)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_port}", got
-    server.shutdown()
-    server.server_close()
 
 
 @pytest.fixture

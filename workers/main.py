@@ -26,7 +26,7 @@ async def run_worker(role: str, settings: Settings) -> None:
     rt = await Runtime.start(settings, name=f"epd-{role}")
     stages, store = build_stages(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in stages]
-    metrics_url = serve_metrics(settings.bind_host, settings.metrics_port)
+    metrics_url = serve_metrics(settings.bind_host, settings.metrics_port, settings.reachable_host)
     heartbeat = Heartbeat(rt, role, [(s.name, s.subject) for s in stages], metrics_url)
     stopping = asyncio.Event()
 
