@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import trace
-from opentelemetry.trace import Status, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import ApiError
@@ -33,13 +34,27 @@ def create_app(settings: Settings) -> FastAPI:
         yield
         await app.state.gateway.close()
 
-    # FastAPI's own telemetry gives the HTTP server span; its per-operation spans would only add noise.
-    app = FastAPI(
-        title="epd",
-        version="0.1.0",
-        lifespan=lifespan,
-        telemetry={"operation_spans": False, "metrics": False, "logs": False, "exclude": _probe},
-    )
+    # Our request span is the HTTP server span (HTTP and GenAI attributes both): FastAPI's own telemetry
+    # would add a second span per request for nothing.
+    app = FastAPI(title="epd", version="0.1.0", lifespan=lifespan, telemetry={"tracing": False, "metrics": False})
+
+    if keys := settings.api_key_set:
+
+        @app.middleware("http")
+        async def require_api_key(request: Request, call_next):  # noqa: ANN001, ANN202 - Starlette's middleware
+            if request.url.path.startswith("/v1/"):
+                auth = request.headers.get("authorization", "")
+                token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+                if not any(hmac.compare_digest(token.encode(), k.encode()) for k in keys):
+                    err = ApiError(
+                        401,
+                        "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    )
+                    metrics.REQUESTS.labels("", "401").inc()
+                    return JSONResponse(err.body(), status_code=401)
+            return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
@@ -77,10 +92,14 @@ def create_app(settings: Settings) -> FastAPI:
         gw: Gateway = app.state.gateway
         request_id = new_request_id()
         span = tracer().start_span(
-            f"chat {body.model}",
+            "POST /v1/chat/completions",
+            kind=SpanKind.SERVER,
             attributes={
                 "http.request.method": "POST",
                 "http.route": "/v1/chat/completions",
+                "url.path": "/v1/chat/completions",
+                "url.scheme": "http",
+                "server.port": settings.port,
                 "epd.request_id": request_id,
                 "gen_ai.operation.name": "chat",
                 "gen_ai.request.model": body.model,
@@ -143,11 +162,6 @@ async def _sse(gw: Gateway, replies: ReplyStream, model: str, span: trace.Span) 
         await replies.close()
         _finish(span, model, replies, status, usage, reason)
     yield "data: [DONE]\n\n"
-
-
-def _probe(scope: dict) -> bool:
-    """Health, readiness and metrics scrapes get no trace: they would drown the requests'."""
-    return scope.get("path") in ("/health", "/ready", "/metrics")
 
 
 def _reply_span(parent: trace.Span, replies: ReplyStream) -> trace.Span:

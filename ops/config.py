@@ -47,6 +47,7 @@ class Settings:
     ack_wait_s: float = field(default_factory=lambda: float(_env("EPD_ACK_WAIT_S", "30")))
     max_deliver: int = field(default_factory=lambda: int(_env("EPD_MAX_DELIVER", "3")))
     trace_dir: str = field(default_factory=lambda: _env("EPD_TRACE_DIR", ""))
+    api_keys: str = field(default_factory=lambda: _env("EPD_API_KEYS", ""))  # comma-separated; empty: no auth
     tracing: bool = field(default_factory=lambda: _env("EPD_TRACING", "on").lower() not in ("off", "0", "false"))
     trace_sample_ratio: float = field(default_factory=lambda: float(_env("EPD_TRACE_SAMPLE_RATIO", "1.0")))
     metrics_port: int = field(default_factory=lambda: int(_env("EPD_METRICS_PORT", "0")))
@@ -84,6 +85,10 @@ class Settings:
             return "127.0.0.1"
 
     @property
+    def api_key_set(self) -> frozenset[str]:
+        return frozenset(k.strip() for k in self.api_keys.split(",") if k.strip())
+
+    @property
     def model_name(self) -> str:
         """The name clients put in `model`: the flag, else the checkpoint folder's name."""
         return self.served_model_name or self.model.name
@@ -110,6 +115,7 @@ class Settings:
             "EPD_ACK_WAIT_S": str(self.ack_wait_s),
             "EPD_MAX_DELIVER": str(self.max_deliver),
             "EPD_TRACE_DIR": self.trace_dir,
+            "EPD_API_KEYS": self.api_keys,
             "EPD_TRACING": "on" if self.tracing else "off",
             "EPD_TRACE_SAMPLE_RATIO": str(self.trace_sample_ratio),
             "EPD_METRICS_PORT": str(self.metrics_port),

@@ -10,7 +10,6 @@ samples that share of requests at the gateway, and every later stage follows its
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -18,6 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 
+import msgspec
 import xxhash
 from epd.ops.config import Settings
 from opentelemetry import context, trace
@@ -29,6 +29,7 @@ from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
 TRACER_NAME = "epd"
+_json = msgspec.json.Encoder()
 
 
 class JsonlSpanExporter(SpanExporter):
@@ -36,13 +37,13 @@ class JsonlSpanExporter(SpanExporter):
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
+        self._file = open(path, "ab")  # noqa: SIM115 - closed in shutdown
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [json.dumps(span_record(s), separators=(",", ":")) + "\n" for s in spans]
+        data = b"".join(_json.encode(span_record(s)) + b"\n" for s in spans)
         with self._lock:
-            self._file.writelines(lines)
+            self._file.write(data)
             self._file.flush()
         return SpanExportResult.SUCCESS
 

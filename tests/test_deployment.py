@@ -112,6 +112,8 @@ def test_structure_matches_the_project() -> None:
     assert set(sd["names"]) == set(WORKERS) and sd["port"] == int(
         services["encoder"]["environment"]["EPD_METRICS_PORT"]
     )
+    assert jobs["mooncake-master"]["static_configs"][0]["targets"] == ["mooncake-master:9003"]
+    assert "9003" in services["mooncake-master"]["expose"]
     assert "max_payload: 8MB" in (ROOT / "ops" / "nats.conf").read_text()
 
 

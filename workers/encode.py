@@ -19,11 +19,14 @@ from epd.workers.runtime import Runtime
 async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list[ImageEmbedding]:
     """Encode `job.missing` in one forward, save each; returns refs for every image of the request."""
     images = job.request.images()
+    refs = [ImageEmbedding(key=k) for k in job.keys]
+    # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent.
+    present = await ec.exists([job.keys[i] for i in job.missing])
+    missing = [i for i, there in zip(job.missing, present, strict=True) if not there]
     try:
-        pictures = [open_image(images[i].data, i) for i in job.missing]
+        pictures = [open_image(images[i].data, i) for i in missing]
     except BadImage as e:
         raise RequestFailed(400, str(e)) from None
-    refs = [ImageEmbedding(key=k) for k in job.keys]
     if not pictures:
         return refs
     with tracer().start_as_current_span(
@@ -31,7 +34,7 @@ async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list
     ):
         metrics.BATCH_SIZE.labels("encode").observe(len(pictures))
         encoded = await asyncio.to_thread(family.encode, pictures)
-    for i, enc in zip(job.missing, encoded, strict=True):
+    for i, enc in zip(missing, encoded, strict=True):
         with tracer().start_as_current_span(
             "ec.save", attributes={"epd.image": i, "epd.hit": False, "epd.key": job.keys[i]}
         ) as span:

@@ -72,7 +72,10 @@ class Heartbeat:
             self._kv = await workers_bucket(self.rt.js)
         await self._kv.put(self.key, encode(self.status()))
         for durable, subject in self.stages:
-            info = await self.rt.js.consumer_info(STAGE_STREAMS[subject], durable)
+            try:
+                info = await self.rt.js.consumer_info(STAGE_STREAMS[subject], durable)
+            except nats.js.errors.NotFoundError:
+                continue  # the stage loop has not created its consumer yet
             metrics.QUEUE_DEPTH.labels(durable).set(info.num_pending)
 
     async def run(self, stop: asyncio.Event) -> None:

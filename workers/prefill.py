@@ -104,6 +104,16 @@ class PrefillStage:
                 self.rt.load.ec_hits += 1
             loaded.append(None if hit is None else Encoded(*hit))
         missing = [i for i, e in enumerate(loaded) if e is None]
+        if missing and isinstance(job, EmbeddingReady):
+            # Just saved by an encoder: a concurrent rewrite of the same key can hide it for a moment.
+            for delay in (0.02, 0.05, 0.1):
+                await asyncio.sleep(delay)
+                for i in missing:
+                    hit = await self.ec.load(refs[i].key)
+                    loaded[i] = None if hit is None else Encoded(*hit)
+                missing = [i for i, e in enumerate(loaded) if e is None]
+                if not missing:
+                    break
         if not missing:
             return loaded  # type: ignore[return-value]
         encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)

@@ -110,8 +110,9 @@ class Runtime:
         await self.js.publish(subject, encode(msg), headers=headers)
 
     async def reply(self, reply_to: str, msg: TokenChunk | ErrorReply) -> None:
+        """One chunk to the client. No trace headers: a chunk per token, and its reader's span already holds it."""
         if reply_to:
-            await self.nc.publish(reply_to, encode(msg), headers=inject_headers())
+            await self.nc.publish(reply_to, encode(msg))
 
     async def close(self) -> None:
         try:
