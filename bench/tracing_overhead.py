@@ -5,9 +5,11 @@ tracing to JSON-lines files (as `epd up` does), one with `EPD_TRACING=off`. Roun
 between them so that drift on the machine hits both alike; each round sends the same requests
 (half text-only, half with an image that is cached after its first use) at a fixed concurrency.
 
-    .venv/bin/python bench/tracing_overhead.py [--rounds 6] [--requests 48] [--concurrency 4]
+    .venv/bin/python bench/tracing_overhead.py [--rounds 8] [--requests 48] [--concurrency 4] [--hidden 64 --layers 2]
 
-Prints the figures and writes them to bench/results/tracing_overhead.json.
+The default model is the tests' tiny one (a few ms of compute per request: the worst case for any
+fixed per-request cost); `--hidden 512 --layers 8` is a larger random one of the same architecture.
+Prints the figures and writes them to bench/results/tracing_overhead-<hidden>x<layers>.json.
 """
 
 from __future__ import annotations
@@ -94,14 +96,17 @@ def start(model: Path, workdir: Path, tracing: bool) -> Cluster:
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--requests", type=int, default=48)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--out", type=Path, default=Path("bench/results/tracing_overhead.json"))
+    ap.add_argument("--hidden", type=int, default=64, help="model width (the tests' tiny model: 64)")
+    ap.add_argument("--layers", type=int, default=2, help="language and vision layers (tiny: 2)")
+    ap.add_argument("--out", type=Path, help="default bench/results/tracing_overhead-<hidden>x<layers>.json")
     args = ap.parse_args()
+    args.out = args.out or Path(f"bench/results/tracing_overhead-{args.hidden}x{args.layers}.json")
     tmp = Path(tempfile.mkdtemp(prefix="epd-bench-"))
-    model = build_tiny_qwen2_vl(tmp / "tiny-qwen2-vl")
+    model = build_tiny_qwen2_vl(tmp / "tiny-qwen2-vl", hidden=args.hidden, layers=args.layers)
     clusters = {"on": start(model, tmp / "on", True), "off": start(model, tmp / "off", False)}
     reqs = bodies(args.requests, args.max_tokens)
     rps: dict[str, list[float]] = {"on": [], "off": []}

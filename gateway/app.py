@@ -1,11 +1,12 @@
-"""HTTP app: `POST /v1/chat/completions`, `GET /v1/models`, `/health`, `/ready`, `/metrics`."""
+"""HTTP app: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`, `/health`, `/ready`,
+`/metrics`, and the OpenAPI document at `/openapi.json`."""
 
 from __future__ import annotations
 
 import hmac
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from epd.ops import metrics
@@ -20,7 +21,17 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .errors import ApiError
-from .openai_api import FINISH, ChatCompletionRequest, completion, sse_chunk, to_request
+from .limits import BodySizeLimit
+from .openai_api import (
+    CHAT,
+    FINISH,
+    TEXT,
+    ChatCompletionRequest,
+    CompletionRequest,
+    Shape,
+    to_request,
+    to_text_request,
+)
 from .replies import ReplyStream
 from .service import Gateway, new_request_id
 
@@ -37,6 +48,8 @@ def create_app(settings: Settings) -> FastAPI:
     # Our request span is the HTTP server span (HTTP and GenAI attributes both): FastAPI's own telemetry
     # would add a second span per request for nothing.
     app = FastAPI(title="epd", version="0.1.0", lifespan=lifespan, telemetry={"tracing": False, "metrics": False})
+
+    app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
 
     if keys := settings.api_key_set:
 
@@ -58,7 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
-        return JSONResponse(e.body(), status_code=e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -89,68 +102,84 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest):  # noqa: ANN202 - JSON or a stream
-        gw: Gateway = app.state.gateway
-        request_id = new_request_id()
-        span = tracer().start_span(
-            "POST /v1/chat/completions",
-            kind=SpanKind.SERVER,
-            attributes={
-                "http.request.method": "POST",
-                "http.route": "/v1/chat/completions",
-                "url.path": "/v1/chat/completions",
-                "url.scheme": "http",
-                "server.port": settings.port,
-                "epd.request_id": request_id,
-                "gen_ai.operation.name": "chat",
-                "gen_ai.request.model": body.model,
-                "gen_ai.request.temperature": body.temperature,
-                "gen_ai.request.top_p": body.top_p,
-                "gen_ai.response.id": request_id,
-                "epd.stream": body.stream,
-            },
-        )
-        try:
-            with trace.use_span(span, end_on_exit=False):
-                req = to_request(body, request_id, DEFAULT_MAX_TOKENS)
-                span.set_attribute("gen_ai.request.max_tokens", req.sampling.max_tokens)
-                replies = await gw.submit(req)
-        except ApiError as e:
-            _finish(span, body.model, None, e.status)
-            raise
-        if body.stream:
-            return StreamingResponse(_sse(gw, replies, body.model, span), media_type="text/event-stream")
-        text, last = [], None
-        reply_span = _reply_span(span, replies)
-        try:
-            async for c in replies:
-                text.append(c.text)
-                last = c
-        except ApiError as e:
-            _finish(span, body.model, replies, e.status)
-            raise
-        finally:
-            reply_span.end()
-            await replies.close()
-        reason, usage = (last.finish_reason, last.usage) if last else (None, None)
-        _finish(span, body.model, replies, 200, usage, FINISH.get(reason) if reason else None)
-        return completion(request_id, body.model, "".join(text), reason, usage)
+        return await _serve(app.state.gateway, CHAT, body, to_request)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest):  # noqa: ANN202 - JSON or a stream
+        return await _serve(app.state.gateway, TEXT, body, to_text_request)
 
     return app
 
 
-async def _sse(gw: Gateway, replies: ReplyStream, model: str, span: trace.Span) -> AsyncIterator[str]:
+async def _serve(gw: Gateway, shape: Shape, body: ChatCompletionRequest | CompletionRequest, to_req: Callable):  # noqa: ANN202
+    """Submit the request; answer JSON, or an SSE stream. Its span is the HTTP server span."""
+    request_id = new_request_id()
+    span = tracer().start_span(
+        f"POST {shape.route}",
+        kind=SpanKind.SERVER,
+        attributes={
+            "http.request.method": "POST",
+            "http.route": shape.route,
+            "url.path": shape.route,
+            "url.scheme": "http",
+            "server.port": gw.settings.port,
+            "epd.request_id": request_id,
+            "gen_ai.operation.name": shape.operation,
+            "gen_ai.request.model": body.model,
+            "gen_ai.request.temperature": body.temperature,
+            "gen_ai.request.top_p": body.top_p,
+            "gen_ai.response.id": request_id,
+            "epd.stream": body.stream,
+        },
+    )
+    try:
+        with trace.use_span(span, end_on_exit=False):
+            req = await to_req(body, request_id, DEFAULT_MAX_TOKENS, gw.image_urls)
+            span.set_attribute("gen_ai.request.max_tokens", req.sampling.max_tokens)
+            replies = await gw.submit(req)
+    except ApiError as e:
+        _finish(span, body.model, None, e.status)
+        raise
+    if body.stream:
+        usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
+        events = _sse(gw, shape, replies, body.model, span, usage_chunk)
+        return StreamingResponse(events, media_type="text/event-stream")
+    text, last = [], None
+    reply_span = _reply_span(span, replies)
+    try:
+        async for c in replies:
+            text.append(c.text)
+            last = c
+    except ApiError as e:
+        _finish(span, body.model, replies, e.status)
+        raise
+    finally:
+        reply_span.end()
+        await replies.close()
+    reason, usage = (last.finish_reason, last.usage) if last else (None, None)
+    _finish(span, body.model, replies, 200, usage, FINISH.get(reason) if reason else None)
+    return shape.response(request_id, body.model, "".join(text), reason, usage)
+
+
+async def _sse(
+    gw: Gateway, shape: Shape, replies: ReplyStream, model: str, span: trace.Span, usage_chunk: bool
+) -> AsyncIterator[str]:
+    """OpenAI's stream: (chat) a role delta, content chunks, a finish chunk, a usage chunk if asked, `[DONE]`."""
     created = int(time.time())
     rid = replies.request_id
     status, usage, reason = 200, None, None
     reply_span = _reply_span(span, replies)
     try:
-        yield sse_chunk(rid, model, created, {"role": "assistant", "content": ""}, None)
+        if opening := shape.opening(rid, model, created):
+            yield opening
         async for c in replies:
             if c.text:
-                yield sse_chunk(rid, model, created, {"content": c.text}, None)
+                yield shape.chunk(rid, model, created, c.text, None)
             if c.finish_reason is not None:
                 usage, reason = c.usage, FINISH[c.finish_reason]
-                yield sse_chunk(rid, model, created, {}, reason)
+                yield shape.chunk(rid, model, created, None, reason)
+                if usage_chunk and usage is not None:
+                    yield shape.usage_chunk(rid, model, created, usage)
     except ApiError as e:
         status = e.status
         yield f"data: {json.dumps(e.body())}\n\n"

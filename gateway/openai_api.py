@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import json
 import time
+from dataclasses import dataclass
 from typing import Literal
 
 from epd.schemas.common import FinishReason, ImagePart, Message, SamplingParams, TextPart, Usage
@@ -13,6 +12,7 @@ from epd.schemas.request import Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import ApiError
+from .image_urls import ImageUrls
 
 
 class ImageUrl(BaseModel):
@@ -35,6 +35,10 @@ class ChatMessage(BaseModel):
     content: str | list[TextContent | ImageContent]
 
 
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -46,7 +50,9 @@ class ChatCompletionRequest(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: int = 1
+    ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
 
 
 FINISH = {
@@ -57,22 +63,7 @@ FINISH = {
 }
 
 
-def decode_image_url(url: str, index: int) -> bytes:
-    """Base64 `data:` URLs only; fetching remote URLs is off."""
-    if not url.startswith("data:"):
-        raise ApiError(
-            400, f"image {index}: only base64 data: URLs are accepted; remote image URLs are disabled", param="messages"
-        )
-    header, sep, payload = url.partition(",")
-    if not sep or not header.endswith(";base64"):
-        raise ApiError(400, f"image {index}: data URL must be of the form data:<mime>;base64,<data>", param="messages")
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"image {index}: data URL payload is not valid base64", param="messages") from None
-
-
-def to_request(body: ChatCompletionRequest, request_id: str, default_max_tokens: int) -> Request:
+async def to_request(body: ChatCompletionRequest, request_id: str, default_max_tokens: int, urls: ImageUrls) -> Request:
     if body.n != 1:
         raise ApiError(400, f"n={body.n} is not supported; only n=1", param="n")
     messages = []
@@ -86,7 +77,7 @@ def to_request(body: ChatCompletionRequest, request_id: str, default_max_tokens:
             if isinstance(p, TextContent):
                 parts.append(TextPart(text=p.text))
             else:
-                parts.append(ImagePart(data=decode_image_url(p.image_url.url, n_images)))
+                parts.append(ImagePart(data=await urls.fetch(p.image_url.url, n_images)))
                 n_images += 1
         messages.append(Message(role=m.role, content=parts))
     sampling = SamplingParams(
@@ -94,38 +85,112 @@ def to_request(body: ChatCompletionRequest, request_id: str, default_max_tokens:
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
+        ignore_eos=body.ignore_eos,
     )
     return Request(model=body.model, messages=messages, sampling=sampling, request_id=request_id, stream=body.stream)
 
 
-def completion(request_id: str, model: str, text: str, reason: FinishReason | None, usage: Usage | None) -> dict:
-    u = usage or Usage(prompt_tokens=0, completion_tokens=0)
+def usage_dict(u: Usage) -> dict:
     return {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": FINISH.get(reason) if reason else None,
-            }
-        ],
-        "usage": {
-            "prompt_tokens": u.prompt_tokens,
-            "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-        },
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
     }
 
 
-def sse_chunk(request_id: str, model: str, created: int, delta: dict, reason: str | None) -> str:
-    body = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}],
-    }
-    return f"data: {json.dumps(body)}\n\n"
+@dataclass(frozen=True)
+class Shape:
+    """What one OpenAI API's responses look like: chat completions, or (text) completions."""
+
+    route: str
+    operation: str  # gen_ai.operation.name
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def _choice(self, text: str | None, reason: str | None, final: bool, opening: bool = False) -> dict:
+        if not self.chat:
+            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": reason}
+        if final:
+            return {"index": 0, "message": {"role": "assistant", "content": text or ""}, "finish_reason": reason}
+        delta = {"role": "assistant", "content": ""} if opening else ({"content": text} if text else {})
+        return {"index": 0, "delta": delta, "finish_reason": reason}
+
+    def response(
+        self, request_id: str, model: str, text: str, reason: FinishReason | None, usage: Usage | None
+    ) -> dict:
+        return {
+            "id": request_id,
+            "object": self.object,
+            "created": int(time.time()),
+            "model": model,
+            "choices": [self._choice(text, FINISH.get(reason) if reason else None, final=True)],
+            "usage": usage_dict(usage or Usage(prompt_tokens=0, completion_tokens=0)),
+        }
+
+    def _event(self, request_id: str, model: str, created: int, choices: list[dict], **extra: object) -> str:
+        body = {"id": request_id, "object": self.chunk_object, "created": created, "model": model, "choices": choices}
+        return f"data: {json.dumps({**body, **extra})}\n\n"
+
+    def opening(self, request_id: str, model: str, created: int) -> str | None:
+        """Chat streams open with the assistant's role; text streams have no such chunk."""
+        if not self.chat:
+            return None
+        return self._event(request_id, model, created, [self._choice(None, None, False, opening=True)])
+
+    def chunk(self, request_id: str, model: str, created: int, text: str | None, reason: str | None) -> str:
+        return self._event(request_id, model, created, [self._choice(text, reason, final=False)])
+
+    def usage_chunk(self, request_id: str, model: str, created: int, usage: Usage) -> str:
+        """The extra last chunk of `stream_options.include_usage`: no choices, the request's usage."""
+        return self._event(request_id, model, created, [], usage=usage_dict(usage))
+
+
+CHAT = Shape("/v1/chat/completions", "chat", "chat.completion", "chat.completion.chunk", chat=True)
+TEXT = Shape("/v1/completions", "text_completion", "text_completion", "text_completion", chat=False)
+
+
+class CompletionRequest(BaseModel):
+    """`POST /v1/completions`: a raw prompt, no chat template."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this API
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
+    echo: bool = False
+    suffix: str | None = None
+    logprobs: int | None = None
+
+
+async def to_text_request(
+    body: CompletionRequest, request_id: str, default_max_tokens: int, urls: ImageUrls
+) -> Request:
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(prompts) != 1:
+        raise ApiError(400, f"{len(prompts)} prompts; send exactly one per request", param="prompt")
+    for name, unsupported in (
+        ("n", body.n != 1),
+        ("echo", body.echo),
+        ("suffix", body.suffix is not None),
+        ("logprobs", body.logprobs is not None),
+    ):
+        if unsupported:
+            raise ApiError(400, f"{name} is not supported by this server", param=name)
+    sampling = SamplingParams(
+        max_tokens=body.max_tokens or default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+        ignore_eos=body.ignore_eos,
+    )
+    return Request(
+        model=body.model, messages=[], prompt=prompts[0], sampling=sampling, request_id=request_id, stream=body.stream
+    )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import nats
 from epd.schemas.codec import Decoder, WireError
@@ -18,8 +18,11 @@ _decoder: Decoder[Reply] = Decoder(Reply)
 class ReplyStream:
     """Subscribe before publishing the request; iterate chunks until the one with a finish reason."""
 
-    def __init__(self, nc: nats.NATS, request_id: str, timeout_s: float) -> None:
+    def __init__(
+        self, nc: nats.NATS, request_id: str, timeout_s: float, on_close: Callable[[], None] | None = None
+    ) -> None:
         self.nc, self.request_id, self.timeout_s = nc, request_id, timeout_s
+        self._on_close = on_close
         self.inbox = f"_INBOX.epd.{request_id}"
         self.finished = False
         # timings for TTFT, time per output token and end-to-end latency (perf_counter seconds)
@@ -34,6 +37,10 @@ class ReplyStream:
         return self
 
     async def close(self) -> None:
+        """Idempotent; the first call also runs `on_close` (the gateway's in-flight count)."""
+        if self._on_close is not None:
+            self._on_close, on_close = None, self._on_close
+            on_close()
         if self._sub is not None:
             await self._sub.unsubscribe()
             self._sub = None

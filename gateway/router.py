@@ -17,7 +17,7 @@ from epd.schemas.common import ImageEmbedding
 from epd.schemas.encode import EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
-from epd.workers.images import BadImage, open_image
+from epd.workers.images import BadImage, ImageTooLarge, open_image
 from epd.workers.runtime import Runtime
 
 from .errors import ApiError
@@ -26,6 +26,7 @@ from .errors import ApiError
 class Router:
     def __init__(self, rt: Runtime, keys: KeySpace, ec: ECConnector | None) -> None:
         self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
+        self.settings = rt.settings
         self.model_name = rt.settings.model_name
 
     def validate(self, req: Request) -> None:
@@ -36,17 +37,33 @@ class Router:
                 param="model",
                 code="model_not_found",
             )
-        if not req.messages:
+        if req.prompt is not None:
+            if req.messages:
+                raise ApiError(400, "send either messages (chat) or prompt (completions), not both", param="prompt")
+            if not req.prompt:
+                raise ApiError(400, "prompt must not be empty", param="prompt")
+        elif not req.messages:
             raise ApiError(400, "messages must not be empty", param="messages")
         if req.sampling.max_tokens < 1:
             raise ApiError(400, f"max_tokens must be at least 1, got {req.sampling.max_tokens}", param="max_tokens")
+        if req.sampling.max_tokens > self.settings.max_tokens_limit:
+            raise ApiError(
+                400,
+                f"max_tokens {req.sampling.max_tokens} is over this server's limit of {self.settings.max_tokens_limit}",
+                param="max_tokens",
+            )
         if req.sampling.temperature < 0:
             raise ApiError(400, f"temperature must be >= 0, got {req.sampling.temperature}", param="temperature")
         if not 0 < req.sampling.top_p <= 1:
             raise ApiError(400, f"top_p must be in (0, 1], got {req.sampling.top_p}", param="top_p")
-        for i, image in enumerate(req.images()):
+        images = req.images()
+        if len(images) > self.settings.max_images:
+            raise ApiError(413, f"{len(images)} images; this server takes at most {self.settings.max_images}")
+        for i, image in enumerate(images):
             try:
-                open_image(image.data, i)
+                open_image(image.data, i, self.settings.max_image_pixels)
+            except ImageTooLarge as e:
+                raise ApiError(413, str(e), param="messages") from None
             except BadImage as e:
                 raise ApiError(400, str(e), param="messages") from None
 

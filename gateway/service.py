@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 
 import nats
@@ -24,10 +25,48 @@ from opentelemetry.trace import SpanKind
 
 from .dead_letters import watch_dead_letters
 from .errors import ApiError
+from .image_urls import ImageUrls
 from .replies import ReplyStream
 from .router import Router
 
 log = logging.getLogger(__name__)
+
+
+class PoolWatch:
+    """Which roles have had no live worker (heartbeat) for longer than the grace period; checked every second."""
+
+    def __init__(self, rt: Runtime, roles: tuple[str, ...], grace_s: float) -> None:
+        self.rt, self.roles, self.grace_s = rt, roles, grace_s
+        self._missing_since: dict[str, float] = {}
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        now = time.monotonic()
+        self._missing_since = dict.fromkeys(self.roles, now)  # until the first heartbeats are read
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def missing_roles(self) -> list[str]:
+        now = time.monotonic()
+        return [r for r, since in self._missing_since.items() if now - since > self.grace_s]
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                live = {w.role for w in await live_workers(self.rt.js)}
+                now = time.monotonic()
+                for role in self.roles:
+                    if role in live:
+                        self._missing_since.pop(role, None)
+                    else:
+                        self._missing_since.setdefault(role, now)
+            except (nats.errors.Error, asyncio.TimeoutError) as e:
+                log.warning("cannot read the worker pool: %s", e)
+            await asyncio.sleep(1.0)
 
 
 def new_request_id() -> str:
@@ -38,6 +77,9 @@ class Gateway:
     def __init__(self, rt: Runtime, router: Router, store: MooncakeStore | None) -> None:
         self.rt, self.router, self.store = rt, router, store
         self.settings = rt.settings
+        self.image_urls = ImageUrls(rt.settings)
+        self.inflight = 0
+        self.pool = PoolWatch(rt, TOPOLOGY_ROLES[rt.settings.topology], rt.settings.pool_grace_s)
         self._request_decoder = Decoder(Request)
 
     @classmethod
@@ -48,19 +90,38 @@ class Gateway:
         gw = cls(rt, Router(rt, KeySpace.for_checkpoint(settings.model), ec), store)
         await rt.nc.subscribe(subjects.REQUEST, queue="epd-gateway", cb=gw._on_nats_request)
         await watch_dead_letters(rt)
+        gw.pool.start()
         return gw
 
     async def submit(self, req: Request) -> ReplyStream:
-        """Route a request whose replies this gateway reads (HTTP clients)."""
+        """Route a request whose replies this gateway reads (HTTP clients); fail fast when overloaded."""
+        self.admit()
         req.request_id = req.request_id or new_request_id()
-        replies = await ReplyStream(self.rt.nc, req.request_id, self.settings.request_timeout_s).open()
-        req.reply_to = replies.inbox
+        self.inflight += 1
+        replies = ReplyStream(self.rt.nc, req.request_id, self.settings.request_timeout_s, on_close=self._release)
         try:
+            await replies.open()
+            req.reply_to = replies.inbox
             await self.router.route(req)
         except BaseException:
             await replies.close()
             raise
         return replies
+
+    def admit(self) -> None:
+        """429 over the in-flight limit; 503 when a stage has had no live worker for the grace period."""
+        if self.inflight >= self.settings.max_inflight:
+            raise ApiError(
+                429,
+                f"{self.inflight} requests in flight, this gateway's limit; retry shortly",
+                "rate_limit_error",
+                retry_after_s=1,
+            )
+        if gone := self.pool.missing_roles():
+            raise ApiError(503, f"no live {', '.join(gone)} worker; retry shortly", "server_error", retry_after_s=5)
+
+    def _release(self) -> None:
+        self.inflight -= 1
 
     async def cancel(self, request_id: str) -> None:
         await self.rt.nc.publish(subjects.CANCEL, encode(Cancel(request_id=request_id)))
@@ -109,6 +170,7 @@ class Gateway:
                     )
 
     async def close(self) -> None:
+        await self.pool.stop()
         await self.rt.close()
         if self.store is not None:
             self.store.close()

@@ -203,6 +203,7 @@ def _status(args: argparse.Namespace) -> int:
     import nats
     from epd.ops.status_view import gather_status, render_status
     from epd.ops.up import ENDPOINTS_FILE
+    from epd.workers.runtime import nats_auth
 
     url = args.nats_url or os.environ.get("EPD_NATS_URL", "")
     endpoints = args.workdir / ENDPOINTS_FILE
@@ -215,7 +216,7 @@ def _status(args: argparse.Namespace) -> int:
         )
         return 2
     try:
-        workers, queues = asyncio.run(gather_status(url))
+        workers, queues = asyncio.run(gather_status(url, **nats_auth(Settings())))
     except (OSError, TimeoutError, nats.errors.Error) as e:
         print(f"epd status: cannot reach NATS at {url}: {e}", file=sys.stderr)
         return 1

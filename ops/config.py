@@ -48,6 +48,22 @@ class Settings:
     max_deliver: int = field(default_factory=lambda: int(_env("EPD_MAX_DELIVER", "3")))
     trace_dir: str = field(default_factory=lambda: _env("EPD_TRACE_DIR", ""))
     api_keys: str = field(default_factory=lambda: _env("EPD_API_KEYS", ""))  # comma-separated; empty: no auth
+    max_body_mb: float = field(default_factory=lambda: float(_env("EPD_MAX_BODY_MB", "32")))
+    max_images: int = field(default_factory=lambda: int(_env("EPD_MAX_IMAGES", "8")))
+    max_image_mb: float = field(default_factory=lambda: float(_env("EPD_MAX_IMAGE_MB", "20")))
+    image_url_hosts: str = field(default_factory=lambda: _env("EPD_IMAGE_URL_HOSTS", ""))  # empty: remote URLs off
+    image_url_timeout_s: float = field(default_factory=lambda: float(_env("EPD_IMAGE_URL_TIMEOUT_S", "5")))
+    max_image_pixels: int = field(default_factory=lambda: int(_env("EPD_MAX_IMAGE_PIXELS", str(4096 * 4096))))
+    max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
+    pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
+    max_tokens_limit: int = field(default_factory=lambda: int(_env("EPD_MAX_TOKENS", "4096")))
+    nats_creds: str = field(default_factory=lambda: _env("EPD_NATS_CREDS", ""))
+    nats_user: str = field(default_factory=lambda: _env("EPD_NATS_USER", ""))
+    nats_password: str = field(default_factory=lambda: _env("EPD_NATS_PASSWORD", ""))
+    nats_token: str = field(default_factory=lambda: _env("EPD_NATS_TOKEN", ""))
+    nats_tls_ca: str = field(default_factory=lambda: _env("EPD_NATS_TLS_CA", ""))
+    nats_tls_cert: str = field(default_factory=lambda: _env("EPD_NATS_TLS_CERT", ""))
+    nats_tls_key: str = field(default_factory=lambda: _env("EPD_NATS_TLS_KEY", ""))
     tracing: bool = field(default_factory=lambda: _env("EPD_TRACING", "on").lower() not in ("off", "0", "false"))
     trace_sample_ratio: float = field(default_factory=lambda: float(_env("EPD_TRACE_SAMPLE_RATIO", "1.0")))
     metrics_port: int = field(default_factory=lambda: int(_env("EPD_METRICS_PORT", "0")))
@@ -67,6 +83,18 @@ class Settings:
             raise ValueError(f"trace sample ratio {self.trace_sample_ratio} is not in [0, 1]")
         if not -1 <= self.metrics_port < 65536:
             raise ValueError(f"metrics port {self.metrics_port} is out of range (-1 off, 0 any free port)")
+        for name in (
+            "max_body_mb",
+            "max_images",
+            "max_image_pixels",
+            "max_image_mb",
+            "max_tokens_limit",
+            "image_url_timeout_s",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if bool(self.nats_tls_cert) != bool(self.nats_tls_key):
+            raise ValueError("EPD_NATS_TLS_CERT and EPD_NATS_TLS_KEY go together")
         object.__setattr__(self, "model", Path(self.model))
 
     @property
@@ -83,6 +111,10 @@ class Settings:
             return socket.gethostbyname(socket.gethostname())
         except OSError:
             return "127.0.0.1"
+
+    @property
+    def image_url_host_set(self) -> frozenset[str]:
+        return frozenset(h.strip() for h in self.image_url_hosts.split(",") if h.strip())
 
     @property
     def api_key_set(self) -> frozenset[str]:
@@ -116,6 +148,22 @@ class Settings:
             "EPD_MAX_DELIVER": str(self.max_deliver),
             "EPD_TRACE_DIR": self.trace_dir,
             "EPD_API_KEYS": self.api_keys,
+            "EPD_MAX_BODY_MB": str(self.max_body_mb),
+            "EPD_MAX_IMAGES": str(self.max_images),
+            "EPD_MAX_IMAGE_PIXELS": str(self.max_image_pixels),
+            "EPD_MAX_IMAGE_MB": str(self.max_image_mb),
+            "EPD_IMAGE_URL_HOSTS": self.image_url_hosts,
+            "EPD_IMAGE_URL_TIMEOUT_S": str(self.image_url_timeout_s),
+            "EPD_MAX_TOKENS": str(self.max_tokens_limit),
+            "EPD_MAX_INFLIGHT": str(self.max_inflight),
+            "EPD_POOL_GRACE_S": str(self.pool_grace_s),
+            "EPD_NATS_CREDS": self.nats_creds,
+            "EPD_NATS_USER": self.nats_user,
+            "EPD_NATS_PASSWORD": self.nats_password,
+            "EPD_NATS_TOKEN": self.nats_token,
+            "EPD_NATS_TLS_CA": self.nats_tls_ca,
+            "EPD_NATS_TLS_CERT": self.nats_tls_cert,
+            "EPD_NATS_TLS_KEY": self.nats_tls_key,
             "EPD_TRACING": "on" if self.tracing else "off",
             "EPD_TRACE_SAMPLE_RATIO": str(self.trace_sample_ratio),
             "EPD_METRICS_PORT": str(self.metrics_port),

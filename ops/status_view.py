@@ -10,9 +10,9 @@ from epd.schemas.status import WorkerStatus
 from epd.workers.heartbeat import live_workers
 
 
-async def gather_status(nats_url: str) -> tuple[list[WorkerStatus], dict[str, dict[str, int]]]:
-    """Live workers, and per stage stream: jobs waiting, jobs being worked on."""
-    nc = await nats.connect(nats_url, name="epd-status", connect_timeout=5, max_reconnect_attempts=1)
+async def gather_status(nats_url: str, **connect: object) -> tuple[list[WorkerStatus], dict[str, dict[str, int]]]:
+    """Live workers, and per stage stream: jobs waiting, jobs being worked on. `connect`: credentials, TLS."""
+    nc = await nats.connect(nats_url, name="epd-status", connect_timeout=5, max_reconnect_attempts=1, **connect)
     try:
         js = nc.jetstream()
         workers = await live_workers(js)

@@ -72,8 +72,11 @@ def build_tokenizer(out: Path, vocab_size: int = 400) -> int:
     return len(fast)
 
 
-def build_tiny_qwen2_vl(out: str | Path, seed: int = 0) -> Path:
-    """Write a random-weight Qwen2-VL checkpoint of a few MB to `out`."""
+def build_tiny_qwen2_vl(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a random-weight Qwen2-VL checkpoint to `out`: a few MB at the default size.
+
+    `hidden` and `layers` make a bigger one (benchmarks): `hidden` must be a multiple of 16.
+    """
     import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -82,24 +85,25 @@ def build_tiny_qwen2_vl(out: str | Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab = build_tokenizer(out)
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}  # special tokens are added first
-    hidden = 64
+    half = hidden // 4 // 2  # half the head dim (4 heads): the rotary dims M-RoPE splits over t, h, w
+    mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
     config = Qwen2VLConfig(
         text_config={
             "vocab_size": vocab,
             "hidden_size": hidden,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
+            "intermediate_size": 2 * hidden,
+            "num_hidden_layers": layers,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 4096,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0},
+            "rope_parameters": {"rope_type": "default", "mrope_section": mrope, "rope_theta": 10000.0},
             "tie_word_embeddings": False,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
         },
         vision_config={
-            "depth": 2,
-            "embed_dim": 32,
+            "depth": layers,
+            "embed_dim": hidden // 2,
             "hidden_size": hidden,
             "num_heads": 2,
             "mlp_ratio": 2,

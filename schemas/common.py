@@ -33,6 +33,7 @@ class SamplingParams(Struct):
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
     seed: int | None = None
+    ignore_eos: bool = False  # generate max_tokens regardless of EOS (benchmarks, tests)
 
 
 class FinishReason(IntEnum):

@@ -17,6 +17,7 @@ class Request(Struct, tag="epd.request.v1"):
     request_id: str = ""  # the gateway assigns one when empty
     reply_to: str = ""  # set by the gateway from the NATS reply subject or its own inbox
     stream: bool = True
+    prompt: str | None = None  # a raw prompt (completions API): tokenized as is, no chat template, no messages
 
     def images(self) -> list[ImagePart]:
         return [p for m in self.messages for p in m.content if isinstance(p, ImagePart)]

@@ -41,3 +41,15 @@ def reference(model_dir: Path, question: str, image: bytes | None, max_new_token
         )
     new = out[0, ids.shape[1] :].tolist()
     return new, tok.decode(new, skip_special_tokens=True)
+
+
+def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[list[int], str]:
+    """The same for a raw prompt (completions API): tokenized as is, no chat template."""
+    model, tok, _ = _load(str(model_dir))
+    ids = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+        )
+    new = out[0, ids.shape[1] :].tolist()
+    return new, tok.decode(new, skip_special_tokens=True)

@@ -2,8 +2,10 @@
 
 from pathlib import Path
 
+import nats
 import pytest
 from epd.ops.infra import MooncakeMaster, NatsServer
+from epd.ops.processes import port_open
 
 pytestmark = pytest.mark.integration
 
@@ -38,3 +40,25 @@ def test_nats_and_master_listen_on_loopback_and_stop_cleanly(tmp_path: Path) -> 
     for p in (nats.proc, master.proc):
         assert p.poll() is not None
         assert not Path(f"/proc/{p.pid}").exists()  # reaped, not a zombie
+
+
+async def test_nats_credentials(tmp_path: Path) -> None:
+    """A NATS server that wants a user and password: the settings' credentials get in, none do not."""
+    from epd.ops.config import Settings
+    from epd.ops.processes import find_binary, free_port, spawn, stop, wait_until
+    from epd.workers.runtime import connect
+
+    port = free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f'listen: 127.0.0.1:{port}\nauthorization {{ user: "epd", password: "pw-for-tests" }}\n')
+    proc = spawn([find_binary("nats-server"), "-c", str(conf)], tmp_path / "nats.log")
+    try:
+        wait_until(lambda: port_open("127.0.0.1", port), 20, "nats-server", proc)
+        url = f"nats://127.0.0.1:{port}"
+        nc = await connect(Settings(nats_url=url, nats_user="epd", nats_password="pw-for-tests"), "test")
+        assert nc.is_connected
+        await nc.close()
+        with pytest.raises(nats.errors.Error):
+            await nats.connect(url, max_reconnect_attempts=0, allow_reconnect=False, connect_timeout=2)
+    finally:
+        stop([proc])

@@ -40,7 +40,7 @@ class Generation:
 def finish_reason(
     token: int, gen_tokens: int, total_tokens: int, params: SamplingParams, eos: set[int], max_len: int
 ) -> FinishReason | None:
-    if token in eos:
+    if token in eos and not params.ignore_eos:
         return FinishReason.STOP
     if gen_tokens >= params.max_tokens or total_tokens >= max_len:
         return FinishReason.LENGTH

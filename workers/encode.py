@@ -10,7 +10,7 @@ from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding
 from epd.schemas.encode import EmbeddingReady, EncodeJob
-from epd.workers.engine.family import Family
+from epd.workers.engine.family import Family, ImageRejected
 from epd.workers.images import BadImage, open_image
 from epd.workers.loop import RequestFailed
 from epd.workers.runtime import Runtime
@@ -33,7 +33,10 @@ async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list
         "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
     ):
         metrics.BATCH_SIZE.labels("encode").observe(len(pictures))
-        encoded = await asyncio.to_thread(family.encode, pictures)
+        try:
+            encoded = await asyncio.to_thread(family.encode, pictures)
+        except ImageRejected as e:
+            raise RequestFailed(400, f"the images could not be processed: {e}") from None
     for i, enc in zip(missing, encoded, strict=True):
         with tracer().start_as_current_span(
             "ec.save", attributes={"epd.image": i, "epd.hit": False, "epd.key": job.keys[i]}

@@ -6,19 +6,24 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
-MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb bound
+MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # decompression-bomb bound when no tighter limit is configured
 
 
 class BadImage(ValueError):
     pass
 
 
-def open_image(data: bytes, index: int = 0) -> Image.Image:
+class ImageTooLarge(BadImage):
+    pass
+
+
+def open_image(data: bytes, index: int = 0, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode to RGB; the size is checked from the header, before any pixel is decompressed."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise BadImage(f"image {index} is {w}x{h}, over the {MAX_IMAGE_PIXELS} pixel limit")
+            if w * h > max_pixels:
+                raise ImageTooLarge(f"image {index} is {w}x{h} pixels, over the limit of {max_pixels} pixels")
             probe.verify()
         img = Image.open(io.BytesIO(data))
         img.load()

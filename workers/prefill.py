@@ -58,9 +58,18 @@ class PrefillStage:
             return
         try:
             n_image_tokens = [self.family.image_tokens(im.grid_thw) for im in images]
-            ids = build_prompt(
-                self.ckpt.tokenizer, self.ckpt.chat_template, req.messages, n_image_tokens, self.family.image_token_id
-            )
+            if req.prompt is not None:
+                ids = self.ckpt.tokenizer(req.prompt, add_special_tokens=False)["input_ids"]
+            else:
+                ids = build_prompt(
+                    self.ckpt.tokenizer,
+                    self.ckpt.chat_template,
+                    req.messages,
+                    n_image_tokens,
+                    self.family.image_token_id,
+                )
+            if not ids:
+                raise PromptError("the prompt is empty")
         except PromptError as e:
             raise RequestFailed(400, str(e)) from None
         if len(ids) >= self.max_len:

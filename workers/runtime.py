@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from dataclasses import dataclass
 
@@ -23,9 +24,29 @@ log = logging.getLogger(__name__)
 
 
 async def connect(settings: Settings, name: str) -> nats.NATS:
+    """Connect with the configured credentials (creds file, user and password, or token) and TLS."""
     if not settings.nats_url:
         raise ValueError("no NATS server: pass --nats-url or set EPD_NATS_URL")
-    return await nats.connect(settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+    return await nats.connect(
+        settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, **nats_auth(settings)
+    )
+
+
+def nats_auth(settings: Settings) -> dict:
+    """nats.connect's keyword arguments for credentials and TLS, from the settings."""
+    kw: dict = {}
+    if settings.nats_creds:
+        kw["user_credentials"] = settings.nats_creds
+    if settings.nats_user:
+        kw["user"], kw["password"] = settings.nats_user, settings.nats_password
+    if settings.nats_token:
+        kw["token"] = settings.nats_token
+    if settings.nats_tls_ca or settings.nats_tls_cert:
+        ctx = ssl.create_default_context(cafile=settings.nats_tls_ca or None)
+        if settings.nats_tls_cert:
+            ctx.load_cert_chain(settings.nats_tls_cert, settings.nats_tls_key)
+        kw["tls"] = ctx
+    return kw
 
 
 async def ensure_streams(js: nats.js.JetStreamContext) -> None:

@@ -15,6 +15,10 @@ import torch
 from PIL import Image
 
 
+class ImageRejected(ValueError):
+    """The image processor refused an image (e.g. an extreme aspect ratio): the client's mistake, a 400."""
+
+
 @dataclass
 class Encoded:
     embedding: torch.Tensor  # (image_tokens, hidden)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 from epd.workers.engine.checkpoint import Checkpoint
-from epd.workers.engine.family import DecodeState, Encoded, Family, Prefilled
+from epd.workers.engine.family import DecodeState, Encoded, Family, ImageRejected, Prefilled
 from PIL import Image
 from transformers import AutoModelForImageTextToText, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -26,7 +26,10 @@ class Qwen2VL(Family):
 
     @torch.inference_mode()
     def encode(self, images: list[Image.Image]) -> list[Encoded]:
-        batch = self.ckpt.image_processor(images=images, return_tensors="pt")
+        try:
+            batch = self.ckpt.image_processor(images=images, return_tensors="pt")
+        except ValueError as e:  # e.g. "absolute aspect ratio must be smaller than 200"
+            raise ImageRejected(str(e)) from None
         pixels = batch["pixel_values"].to(self.device, self.model.model.visual.dtype)  # (patches, C*T*P*P)
         grid = batch["image_grid_thw"].to(self.device)  # (images, 3)
         merged = self.model.model.visual(pixels, grid_thw=grid).pooler_output  # (tokens, hidden)
