@@ -52,9 +52,10 @@ def infra_settings(tiny_model: Path, nats_server: NatsServer, mooncake_master: M
     )
 
 
-def start_cluster(tiny_model: Path, workdir: Path, topology: str) -> Cluster:
+def start_cluster(tiny_model: Path, workdir: Path, topology: str, **settings_: object) -> Cluster:
     """A topology with its own NATS server and Mooncake master, as `epd up` starts it."""
     settings = Settings(
+        **settings_,
         model=tiny_model,
         topology=topology,
         port=free_port(),

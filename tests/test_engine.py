@@ -84,3 +84,11 @@ def test_detokenizer_deltas_add_up_to_the_whole_text(engine) -> None:  # noqa: A
     ids = ckpt.tokenizer("The shape is a red circle, é ü!", add_special_tokens=False)["input_ids"]
     d = Detokenizer(ckpt.tokenizer)
     assert "".join(d.push([i]) for i in ids) == ckpt.tokenizer.decode(ids)
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("temperature", [1e-300, 1e-6, 1e-4])
+def test_tiny_temperatures_sample_the_top_token_without_overflow(temperature: float) -> None:
+    """Found by the fuzzer: logits / 1e-300 overflowed to inf and softmax gave NaN (a 500)."""
+    logits = torch.tensor([1.0, 7.5, -3.0, 7.0])
+    assert sample(logits, SamplingParams(temperature=temperature, seed=1), position=0) == 1

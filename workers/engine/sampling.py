@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from epd.schemas.common import SamplingParams
 
+MIN_TEMPERATURE = 1e-5
+
 
 def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
     """Next token from (vocab,) logits. `position` makes seeded draws the same on any worker."""
-    if params.temperature <= 0.0:
+    if params.temperature < MIN_TEMPERATURE:  # 0, or so small that it is greedy in all but name
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    probs = torch.softmax(logits.double() / params.temperature, dim=-1)  # float64: no overflow at small T
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # always keeps the top token
