@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from epd.schemas.common import FinishReason, ImagePart, Message, SamplingParams, TextPart, Usage
 from epd.schemas.request import Request
@@ -53,6 +53,8 @@ class ChatCompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=64)  # vLLM's
 
 
 FINISH = {
@@ -61,6 +63,19 @@ FINISH = {
     FinishReason.ABORT: "abort",
     FinishReason.ERROR: "error",
 }
+
+
+MAX_STOPS = 4  # as OpenAI
+MAX_STOP_CHARS = 256
+
+
+def stop_strings(stop: str | list[str] | None) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > MAX_STOPS:
+        raise ApiError(400, f"{len(stops)} stop sequences; at most {MAX_STOPS}", param="stop")
+    if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+        raise ApiError(400, f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters", param="stop")
+    return stops
 
 
 async def to_request(body: ChatCompletionRequest, request_id: str, default_max_tokens: int, urls: ImageUrls) -> Request:
@@ -86,6 +101,8 @@ async def to_request(body: ChatCompletionRequest, request_id: str, default_max_t
         top_p=body.top_p,
         seed=body.seed,
         ignore_eos=body.ignore_eos,
+        stop=stop_strings(body.stop),
+        stop_token_ids=body.stop_token_ids or [],
     )
     return Request(model=body.model, messages=messages, sampling=sampling, request_id=request_id, stream=body.stream)
 
@@ -165,6 +182,8 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
+    stop: str | list[str] | None = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=64)  # vLLM's
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
@@ -190,6 +209,8 @@ async def to_text_request(
         top_p=body.top_p,
         seed=body.seed,
         ignore_eos=body.ignore_eos,
+        stop=stop_strings(body.stop),
+        stop_token_ids=body.stop_token_ids or [],
     )
     return Request(
         model=body.model, messages=[], prompt=prompts[0], sampling=sampling, request_id=request_id, stream=body.stream

@@ -34,6 +34,8 @@ class SamplingParams(Struct):
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # generate max_tokens regardless of EOS (benchmarks, tests)
+    stop: list[str] = msgspec.field(default_factory=list)  # output ends before the first of these
+    stop_token_ids: list[int] = msgspec.field(default_factory=list)  # output ends at these (not shown)
 
 
 class FinishReason(IntEnum):

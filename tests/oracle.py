@@ -53,3 +53,7 @@ def reference_text(model_dir: Path, prompt: str, max_new_tokens: int) -> tuple[l
         )
     new = out[0, ids.shape[1] :].tolist()
     return new, tok.decode(new, skip_special_tokens=True)
+
+
+def decode(model_dir: Path, ids: list[int]) -> str:
+    return _load(str(model_dir))[1].decode(ids, skip_special_tokens=True)

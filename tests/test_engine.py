@@ -92,3 +92,19 @@ def test_tiny_temperatures_sample_the_top_token_without_overflow(temperature: fl
     """Found by the fuzzer: logits / 1e-300 overflowed to inf and softmax gave NaN (a 500)."""
     logits = torch.tensor([1.0, 7.5, -3.0, 7.0])
     assert sample(logits, SamplingParams(temperature=temperature, seed=1), position=0) == 1
+
+
+@pytest.mark.unit
+def test_stop_strings_cut_the_text_and_never_send_part_of_a_stop_early() -> None:
+    from epd.workers.engine.stops import StopStrings
+
+    s = StopStrings(["o w", "zzz"])
+    assert s.add("Hel", final=False) == ("H", False)  # "el" held back: it could begin "zzz"
+    assert s.add("lo w", final=False) == ("ell", True)  # "o w" spans two pieces; nothing of it is sent
+    across = StopStrings(["abc"])
+    assert [across.add(p, final=False) for p in ("xa", "b", "cd")] == [("", False), ("x", False), ("", True)]
+    free = StopStrings([])
+    assert free.add("any text", final=False) == ("any text", False)  # no stops: nothing held back
+    held = StopStrings(["!!"])
+    assert held.add("hi!", final=False) == ("hi", False)
+    assert held.add("?", final=True) == ("!?", False)  # the end flushes what was held

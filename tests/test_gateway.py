@@ -263,3 +263,25 @@ async def test_no_live_worker_is_503_with_retry_after(infra_settings: Settings) 
             assert "no live epd worker" in r.json()["error"]["message"]
             ready = await client.get("/ready")
             assert ready.status_code == 503 and ready.json()["workers"] == {"epd": 0}
+
+
+@pytest.mark.integration
+async def test_past_the_deadline_is_504(infra_settings: Settings) -> None:
+    """Accepted but never answered (no worker consumes it here): the client gets a 504 at its deadline."""
+    app = create_app(infra_settings.replace(topology="epd", request_timeout_s=1.0, pool_grace_s=60))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            started = time.monotonic()
+            r = await client.post("/v1/chat/completions", json=chat_body("Hello?"))
+            assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+            assert 1.0 <= time.monotonic() - started < 10
+
+
+@pytest.mark.e2e
+async def test_a_prompt_over_the_model_length_is_400(cluster: Cluster) -> None:
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=60) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body("word " * 5000))
+        assert r.status_code == 400 and "maximum length is 4096" in r.json()["error"]["message"]
+        ok = await client.post("/v1/chat/completions", json=chat_body("Short."))
+        assert ok.status_code == 200

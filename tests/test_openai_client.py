@@ -83,3 +83,34 @@ async def test_errors_arrive_as_the_clients_exceptions(cluster: Cluster) -> None
             model="tiny-qwen2-vl", messages=[{"role": "user", "content": "hi"}], max_tokens=2
         )
         assert ok.choices[0].message.content is not None
+
+
+async def test_stop_strings_and_stop_token_ids(cluster: Cluster, tiny_model: Path) -> None:
+    from .oracle import decode
+
+    ids, text = reference(tiny_model, "Describe the weather.", None, MAX_NEW)
+    assert len(text) >= 6 and len(ids) >= 4  # enough output to stop inside
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    expected = text[: text.index(stop)]
+    messages = [{"role": "user", "content": "Describe the weather."}]
+    async with client(cluster) as c:
+        out = await c.chat.completions.create(
+            model="tiny-qwen2-vl", messages=messages, max_tokens=MAX_NEW, temperature=0, stop=[stop, "never-seen"]
+        )
+        assert out.choices[0].message.content == expected and out.choices[0].finish_reason == "stop"
+        stream = await c.chat.completions.create(
+            model="tiny-qwen2-vl", messages=messages, max_tokens=MAX_NEW, temperature=0, stop=stop, stream=True
+        )
+        assert "".join([ch.choices[0].delta.content or "" async for ch in stream]) == expected
+        cut = ids.index(ids[2])  # a stop token id ends the output before it, at its first occurrence
+        out = await c.chat.completions.create(
+            model="tiny-qwen2-vl",
+            messages=messages,
+            max_tokens=MAX_NEW,
+            temperature=0,
+            extra_body={"stop_token_ids": [ids[2]]},
+        )
+        assert out.choices[0].message.content == decode(tiny_model, ids[:cut])
+        assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == cut + 1
+        with pytest.raises(openai.BadRequestError, match="at most 4"):
+            await c.chat.completions.create(model="tiny-qwen2-vl", messages=messages, stop=["a", "b", "c", "d", "e"])

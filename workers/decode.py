@@ -21,6 +21,7 @@ from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import DecodeState, Family
 from epd.workers.engine.sampling import sample
+from epd.workers.engine.stops import StopStrings
 from epd.workers.runtime import Runtime
 
 
@@ -34,13 +35,14 @@ class Generation:
     prompt_tokens: int
     tokens: list[int]
     detok: Detokenizer
+    output: StopStrings
     seq: int = 1  # chunk 0 was the first token
 
 
 def finish_reason(
     token: int, gen_tokens: int, total_tokens: int, params: SamplingParams, eos: set[int], max_len: int
 ) -> FinishReason | None:
-    if token in eos and not params.ignore_eos:
+    if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
         return FinishReason.STOP
     if gen_tokens >= params.max_tokens or total_tokens >= max_len:
         return FinishReason.LENGTH
@@ -48,12 +50,16 @@ def finish_reason(
 
 
 def chunk(gen: Generation, seq: int, token: int | None, reason: FinishReason | None) -> TokenChunk:
-    """The reply for one new token (None: no new token, as on abort).
+    """The reply for one new token (None: no new token, as on abort); a stop string may end it here.
 
-    The last chunk flushes any partial character and carries usage.
+    The last chunk flushes any partial character or held-back text, and carries usage.
     """
     tokens = [] if token is None else [token]
-    text = gen.detok.push(tokens, final=reason is not None)
+    shown = [t for t in tokens if t not in gen.sampling.stop_token_ids]
+    piece = gen.detok.push(shown, final=reason is not None)
+    text, stopped = gen.output.add(piece, final=reason is not None)
+    if stopped:
+        reason = FinishReason.STOP
     usage = Usage(prompt_tokens=gen.prompt_tokens, completion_tokens=len(gen.tokens)) if reason else None
     return TokenChunk(
         request_id=gen.request_id, seq=seq, token_ids=tokens, text=text, finish_reason=reason, usage=usage
@@ -98,10 +104,11 @@ class Decoder:
                         self.eos,
                         self.max_len,
                     )
-                    await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, token, reason))
+                    reply = chunk(gen, gen.seq, token, reason)
+                    await self.rt.reply(gen.reply_to, reply)
                     gen.seq += 1
-                    if reason:
-                        span.set_attribute("gen_ai.response.finish_reasons", (reason.name.lower(),))
+                    if reply.finish_reason:
+                        span.set_attribute("gen_ai.response.finish_reasons", (reply.finish_reason.name.lower(),))
                         break
             finally:
                 load.kv_tokens -= held + steps
@@ -133,6 +140,10 @@ class DecodeStage:
             sampling=job.sampling,
             prompt_tokens=job.prompt_tokens,
             tokens=[job.first_token],
-            detok=Detokenizer(self.ckpt.tokenizer, [job.first_token]),
+            detok=Detokenizer(self.ckpt.tokenizer),
+            output=StopStrings(job.sampling.stop),
         )
+        # the same text state the prefill worker had after the first token (its chunk is already sent)
+        shown = [] if job.first_token in job.sampling.stop_token_ids else [job.first_token]
+        gen.output.add(gen.detok.push(shown), final=False)
         await self.decoder.generate(gen, state)

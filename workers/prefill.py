@@ -22,6 +22,7 @@ from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import Encoded, Family, Prefilled
 from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
+from epd.workers.engine.stops import StopStrings
 from epd.workers.loop import RequestFailed
 from epd.workers.runtime import Runtime
 
@@ -86,11 +87,18 @@ class PrefillStage:
             out = await asyncio.to_thread(self.family.prefill, ids, images)
         first = sample(out.logits, req.sampling, len(ids))
         gen = Generation(
-            req.request_id, req.reply_to, req.sampling, len(ids), [first], Detokenizer(self.ckpt.tokenizer)
+            req.request_id,
+            req.reply_to,
+            req.sampling,
+            len(ids),
+            [first],
+            Detokenizer(self.ckpt.tokenizer),
+            StopStrings(req.sampling.stop),
         )
         reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
-        await self.rt.reply(req.reply_to, chunk(gen, 0, first, reason))
-        if reason is None:
+        reply = chunk(gen, 0, first, reason)
+        await self.rt.reply(req.reply_to, reply)
+        if reply.finish_reason is None:
             await self.handoff(gen, out)
 
     async def _embeddings(self, job: PrefillJob | EmbeddingReady) -> list[Encoded] | None:
