@@ -203,6 +203,8 @@ async def test_metrics_move_with_known_traffic(cluster: Cluster) -> None:
     assert wk("epd_stage_duration_seconds_count", stage="prefill") == 3
     assert wk("epd_batch_size_count", stage="prefill") == 3
     assert total(wk1, "epd_in_flight_jobs") == 0 and total(wk1, "epd_kv_cache_tokens") == 0
+    depths = {lb["stage"]: v for n, lb, v in wk1 if n == "epd_queue_depth"}  # from the heartbeats
+    assert "prefill" in depths and set(depths.values()) == {0.0}  # idle now: nothing waits
     if topology == "epd":  # the aggregated worker misses, encodes inline, then hits
         assert wk("epd_encoder_cache_lookups_total", where="prefill", result="miss") == 1
         assert wk("epd_encoder_cache_lookups_total", where="prefill", result="hit") == 2

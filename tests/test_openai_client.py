@@ -114,3 +114,19 @@ async def test_stop_strings_and_stop_token_ids(cluster: Cluster, tiny_model: Pat
         assert out.choices[0].finish_reason == "stop" and out.usage.completion_tokens == cut + 1
         with pytest.raises(openai.BadRequestError, match="at most 4"):
             await c.chat.completions.create(model="tiny-qwen2-vl", messages=messages, stop=["a", "b", "c", "d", "e"])
+
+
+async def test_seeded_sampling_repeats_and_top_p_one_token_is_greedy(cluster: Cluster, tiny_model: Path) -> None:
+    messages = [{"role": "user", "content": "Pick some words."}]
+    _, greedy = reference(tiny_model, "Pick some words.", None, MAX_NEW)
+    async with client(cluster) as c:
+
+        async def ask(**kw: object) -> str:
+            out = await c.chat.completions.create(model="tiny-qwen2-vl", messages=messages, max_tokens=MAX_NEW, **kw)
+            return out.choices[0].message.content
+
+        first, again = await ask(temperature=1.5, seed=7), await ask(temperature=1.5, seed=7)
+        assert first == again  # the same seed draws the same tokens, wherever prefill and decode run
+        others = {await ask(temperature=1.5, seed=s) for s in range(8, 12)}
+        assert len(others | {first}) > 1  # and the seed matters
+        assert await ask(temperature=1.0, top_p=1e-9, seed=3) == greedy  # only the top token survives top_p

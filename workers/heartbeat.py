@@ -72,11 +72,12 @@ class Heartbeat:
             self._kv = await workers_bucket(self.rt.js)
         await self._kv.put(self.key, encode(self.status()))
         for durable, subject in self.stages:
+            stream = STAGE_STREAMS[subject]
             try:
-                info = await self.rt.js.consumer_info(STAGE_STREAMS[subject], durable)
-            except nats.js.errors.NotFoundError:
-                continue  # the stage loop has not created its consumer yet
-            metrics.QUEUE_DEPTH.labels(durable).set(info.num_pending)
+                waiting = (await self.rt.js.consumer_info(stream, durable)).num_pending
+            except nats.js.errors.NotFoundError:  # no consumer yet: everything in the stream waits
+                waiting = (await self.rt.js.stream_info(stream)).state.messages
+            metrics.QUEUE_DEPTH.labels(durable).set(waiting)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Beat every `HEARTBEAT_S` until `stop` is set, then leave the pool."""
