@@ -2,12 +2,15 @@
 
 - text only                    -> prefill
 - images, all in the EC cache  -> prefill, with their keys (no encoder involved)
-- images, some missing         -> encode, naming only the missing ones
+- images, some missing         -> encode, naming only the missing ones that no other request is
+                                  encoding now; those are `pending`, and prefill waits for them
+- images missing, all pending  -> prefill, which waits for them in the cache
 - `epd` topology               -> prefill; the aggregated worker encodes what its own cache lacks
 """
 
 from __future__ import annotations
 
+import nats
 from epd.connectors.ec import ECConnector
 from epd.connectors.keys import KeySpace
 from epd.ops import metrics
@@ -19,13 +22,43 @@ from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
 from epd.workers.images import BadImage, ImageTooLarge, open_image
 from epd.workers.runtime import Runtime
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
 
 from .errors import ApiError
+
+
+class EncodeClaims:
+    """Which images some request is being encoded for right now, across every gateway.
+
+    A claim is a create in a NATS key-value bucket (atomic: one creator wins) that expires after
+    `ENCODING_CLAIM_TTL_S`, so a claim whose encode died frees itself.
+    """
+
+    def __init__(self, js: nats.js.JetStreamContext) -> None:
+        self.js = js
+        self._kv: KeyValue | None = None
+
+    async def claim(self, key: str) -> bool:
+        """True: the caller encodes `key`; False: another request already is."""
+        if self._kv is None:
+            try:
+                self._kv = await self.js.key_value(subjects.ENCODING_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                self._kv = await self.js.create_key_value(
+                    KeyValueConfig(bucket=subjects.ENCODING_BUCKET, ttl=subjects.ENCODING_CLAIM_TTL_S, history=1)
+                )
+        try:
+            await self._kv.create(key, b"")
+            return True
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
 
 
 class Router:
     def __init__(self, rt: Runtime, keys: KeySpace, ec: ECConnector | None) -> None:
         self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
+        self.claims = EncodeClaims(rt.js)
         self.settings = rt.settings
         self.model_name = rt.settings.model_name
 
@@ -79,11 +112,17 @@ class Router:
             if self.ec is not None:
                 metrics.EC_LOOKUPS.labels("router", "hit").inc(len(keys) - len(missing))
                 metrics.EC_LOOKUPS.labels("router", "miss").inc(len(missing))
-            if not keys or self.ec is None or not missing:
-                job = PrefillJob(request=req, images=[ImageEmbedding(key=k) for k in keys])
+            # In-flight de-duplication: of the missing images, encode those no other request is encoding now.
+            shared = self.ec is not None  # the aggregated worker's cache is its own: nothing to share
+            pending = [i for i in missing if not await self.claims.claim(keys[i])] if missing and shared else []
+            claimed = [i for i in missing if i not in pending]
+            span.set_attribute("epd.ec_pending", len(pending))
+            if not keys or self.ec is None or not claimed:
+                images = [ImageEmbedding(key=k) for k in keys]
+                job = PrefillJob(request=req, images=images, pending=pending)
                 subject, stage = subjects.PREFILL, "prefill"
             else:
-                job = EncodeJob(request=req, keys=keys, missing=missing)
+                job = EncodeJob(request=req, keys=keys, missing=claimed, pending=pending)
                 subject, stage = subjects.ENCODE, "encode"
             span.set_attribute("epd.route", stage)
             await self.rt.publish(subject, job, req.request_id, req.reply_to, stage)

@@ -54,6 +54,7 @@ class Settings:
     image_url_hosts: str = field(default_factory=lambda: _env("EPD_IMAGE_URL_HOSTS", ""))  # empty: remote URLs off
     image_url_timeout_s: float = field(default_factory=lambda: float(_env("EPD_IMAGE_URL_TIMEOUT_S", "5")))
     max_image_pixels: int = field(default_factory=lambda: int(_env("EPD_MAX_IMAGE_PIXELS", str(4096 * 4096))))
+    encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
     max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
     pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
     max_tokens_limit: int = field(default_factory=lambda: int(_env("EPD_MAX_TOKENS", "4096")))
@@ -156,6 +157,7 @@ class Settings:
             "EPD_IMAGE_URL_TIMEOUT_S": str(self.image_url_timeout_s),
             "EPD_MAX_TOKENS": str(self.max_tokens_limit),
             "EPD_MAX_INFLIGHT": str(self.max_inflight),
+            "EPD_ENCODE_WAIT_S": str(self.encode_wait_s),
             "EPD_POOL_GRACE_S": str(self.pool_grace_s),
             "EPD_NATS_CREDS": self.nats_creds,
             "EPD_NATS_USER": self.nats_user,

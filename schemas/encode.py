@@ -10,10 +10,12 @@ class EncodeJob(Struct, tag="epd.encode_job.v1"):
     request: Request
     keys: list[str]  # content key of every image of the request, in order
     missing: list[int]  # indexes into `keys` that the encoder must compute
+    pending: list[int] = []  # indexes another request is encoding right now: prefill waits for them
 
 
 class EmbeddingReady(Struct, tag="epd.embedding_ready.v1"):
-    """Every image of the request is in the encoder cache; `images[i]` is image i."""
+    """Every image of the request is in the encoder cache (or, if `pending`, soon); `images[i]` is image i."""
 
     request: Request
     images: list[ImageEmbedding]
+    pending: list[int] = []  # as in EncodeJob: may not be in the cache yet

@@ -15,6 +15,7 @@ class PrefillJob(Struct, tag="epd.prefill_job.v1"):
 
     request: Request
     images: list[ImageEmbedding] = []
+    pending: list[int] = []  # images another request is encoding right now: wait for them in the cache
 
 
 PrefillInput = PrefillJob | EmbeddingReady

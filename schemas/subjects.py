@@ -22,3 +22,7 @@ REQUEST_ID_HEADER = "Epd-Request-Id"
 WORKERS_BUCKET = "epd_workers"
 WORKER_TTL_S = 5.0
 HEARTBEAT_S = 1.0
+
+# key-value bucket of images being encoded now (in-flight de-duplication); a claim outlives no encode
+ENCODING_BUCKET = "epd_encoding"
+ENCODING_CLAIM_TTL_S = 30.0

@@ -285,3 +285,28 @@ async def test_status_shows_the_pool_and_a_dead_worker_leaves_it(cluster: Cluste
     finally:
         extra.wait(10)
         cluster.procs.pop("epd-99", None)
+
+
+async def test_concurrent_requests_for_one_new_image_encode_it_once(cluster: Cluster, tiny_model: Path) -> None:
+    from .oracle import reference
+
+    image = png_bytes(size=(72, 72), color=(150, 40, 220), shape="circle")
+    _, expected = reference(tiny_model, "What color is the shape?", image, 12)
+    _, before = await all_metrics(cluster)
+    answers = await asyncio.gather(*(post(cluster, chat_body("What color is the shape?", image)) for _ in range(4)))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert [a.json()["choices"][0]["message"]["content"] for a in answers] == [expected] * 4
+    ids = [a.json()["id"] for a in answers]
+    for rid in ids:
+        await complete_trace(cluster, rid, {"epd-gateway": GATEWAY_SPANS})
+    await asyncio.sleep(0.6)  # every process has flushed (200 ms) since the last answer
+
+    def encodes() -> int:
+        spans = load_spans(Path(cluster.settings.trace_dir))
+        return sum(s["name"] == "encode" for rid in ids for s in spans_for_request(spans, rid))
+
+    assert encodes() == 1  # one forward for the image; the other requests waited for its embedding
+    if cluster.settings.topology != "epd":  # and only one job ever reached the encoders
+        _, after = await all_metrics(cluster)
+        jobs = total(after, "epd_queue_wait_seconds_count", stage="encode")
+        assert jobs - total(before, "epd_queue_wait_seconds_count", stage="encode") == 1

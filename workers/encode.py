@@ -60,5 +60,9 @@ class EncodeStage:
         refs = await encode_images(self.family, self.ec, job)
         req = job.request
         await self.rt.publish(
-            subjects.PREFILL, EmbeddingReady(request=req, images=refs), req.request_id, req.reply_to, "prefill"
+            subjects.PREFILL,
+            EmbeddingReady(request=req, images=refs, pending=job.pending),
+            req.request_id,
+            req.reply_to,
+            "prefill",
         )

@@ -121,19 +121,11 @@ class PrefillStage:
                 self.rt.load.ec_hits += 1
             loaded.append(None if hit is None else Encoded(*hit))
         missing = [i for i, e in enumerate(loaded) if e is None]
-        if missing and isinstance(job, EmbeddingReady):
-            # Just saved by an encoder: a concurrent rewrite of the same key can hide it for a moment.
-            for delay in (0.02, 0.05, 0.1):
-                await asyncio.sleep(delay)
-                for i in missing:
-                    hit = await self.ec.load(refs[i].key)
-                    loaded[i] = None if hit is None else Encoded(*hit)
-                missing = [i for i, e in enumerate(loaded) if e is None]
-                if not missing:
-                    break
+        if missing and (isinstance(job, EmbeddingReady) or set(missing) <= set(job.pending)):
+            missing = await self._wait_for(refs, loaded, missing, job.pending)
         if not missing:
             return loaded  # type: ignore[return-value]
-        encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)
+        encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)  # no more waiting
         if self.inline_encode:
             refs = await encode_images(self.family, self.ec, encode_job)
             return await self._embeddings(PrefillJob(request=job.request, images=refs))
@@ -142,6 +134,28 @@ class PrefillStage:
         req: Request = job.request
         await self.rt.publish(subjects.ENCODE, encode_job, req.request_id, req.reply_to, "encode-again")
         return None
+
+    async def _wait_for(
+        self, refs: list[ImageEmbedding], loaded: list[Encoded | None], missing: list[int], pending: list[int]
+    ) -> list[int]:
+        """Load `missing` as they arrive; returns what is still missing after the wait.
+
+        Just saved by an encoder, a key can hide for a moment behind a concurrent rewrite: a short wait.
+        Being encoded for another request (`pending`): up to `EPD_ENCODE_WAIT_S`, as long as that encode takes.
+        """
+        waited, delay = 0.0, 0.01
+        limit = self.rt.settings.encode_wait_s if set(missing) & set(pending) else 0.2
+        with tracer().start_as_current_span("ec.wait", attributes={"epd.images": len(missing)}) as span:
+            while missing and waited < limit:
+                await asyncio.sleep(delay)
+                waited, delay = waited + delay, min(delay * 2, 0.1)
+                for i in missing:
+                    hit = await self.ec.load(refs[i].key)
+                    loaded[i] = None if hit is None else Encoded(*hit)
+                missing = [i for i, e in enumerate(loaded) if e is None]
+            span.set_attribute("epd.waited_ms", round(waited * 1e3, 1))
+            span.set_attribute("epd.hit", not missing)
+        return missing
 
 
 def remote_decode(rt: Runtime, kv: KVConnector) -> Handoff:
