@@ -5,10 +5,13 @@
 - images, some missing         -> encode, naming only the missing ones that no other request is
                                   encoding now; those are `pending`, and prefill waits for them
 - images missing, all pending  -> prefill, which waits for them in the cache
+- no encoder alive             -> prefill, which encodes inline (EPD_INLINE_ENCODE=fallback, the default)
 - `epd` topology               -> prefill; the aggregated worker encodes what its own cache lacks
 """
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import nats
 from epd.connectors.ec import ECConnector
@@ -26,6 +29,10 @@ from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
 from .errors import ApiError
+
+
+async def _always_live(role: str) -> bool:
+    return True
 
 
 class EncodeClaims:
@@ -59,6 +66,7 @@ class Router:
     def __init__(self, rt: Runtime, keys: KeySpace, ec: ECConnector | None) -> None:
         self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
         self.claims = EncodeClaims(rt.js)
+        self.live: Callable[[str], Awaitable[bool]] = _always_live  # the gateway plugs in its view of the pool
         self.settings = rt.settings
         self.model_name = rt.settings.model_name
 
@@ -117,9 +125,12 @@ class Router:
             pending = [i for i in missing if not await self.claims.claim(keys[i])] if missing and shared else []
             claimed = [i for i in missing if i not in pending]
             span.set_attribute("epd.ec_pending", len(pending))
-            if not keys or self.ec is None or not claimed:
+            # no encoder alive: prefill encodes what the cache lacks itself, if allowed (else admission said 503)
+            inline = bool(claimed) and self.settings.inline_encode and not await self.live("encode")
+            span.set_attribute("epd.encode_inline", inline)
+            if not keys or self.ec is None or not claimed or inline:
                 images = [ImageEmbedding(key=k) for k in keys]
-                job = PrefillJob(request=req, images=images, pending=pending)
+                job = PrefillJob(request=req, images=images, pending=pending, encode_inline=inline)
                 subject, stage = subjects.PREFILL, "prefill"
             else:
                 job = EncodeJob(request=req, keys=keys, missing=claimed, pending=pending)

@@ -50,20 +50,34 @@ class PoolWatch:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
+    async def live(self, role: str) -> bool:
+        """Whether a worker of `role` is alive. The periodic read lags by up to a second, so when it says
+        no, ask NATS again before anyone acts on it (this happens only while the role seems absent)."""
+        if role not in self._missing_since:
+            return True
+        try:
+            await self._read()
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return False
+        return role not in self._missing_since
+
     def missing_roles(self) -> list[str]:
         now = time.monotonic()
         return [r for r, since in self._missing_since.items() if now - since > self.grace_s]
 
+    async def _read(self) -> None:
+        live = {w.role for w in await live_workers(self.rt.js)}
+        now = time.monotonic()
+        for role in self.roles:
+            if role in live:
+                self._missing_since.pop(role, None)
+            else:
+                self._missing_since.setdefault(role, now)
+
     async def _run(self) -> None:
         while True:
             try:
-                live = {w.role for w in await live_workers(self.rt.js)}
-                now = time.monotonic()
-                for role in self.roles:
-                    if role in live:
-                        self._missing_since.pop(role, None)
-                    else:
-                        self._missing_since.setdefault(role, now)
+                await self._read()
             except (nats.errors.Error, asyncio.TimeoutError) as e:
                 log.warning("cannot read the worker pool: %s", e)
             await asyncio.sleep(1.0)
@@ -80,6 +94,7 @@ class Gateway:
         self.image_urls = ImageUrls(rt.settings)
         self.inflight = 0
         self.pool = PoolWatch(rt, TOPOLOGY_ROLES[rt.settings.topology], rt.settings.pool_grace_s)
+        self.router.live = self.pool.live
         self._request_decoder = Decoder(Request)
 
     @classmethod
@@ -95,7 +110,7 @@ class Gateway:
 
     async def submit(self, req: Request) -> ReplyStream:
         """Route a request whose replies this gateway reads (HTTP clients); fail fast when overloaded."""
-        self.admit()
+        self.admit(req)
         req.request_id = req.request_id or new_request_id()
         self.inflight += 1
         replies = ReplyStream(self.rt.nc, req.request_id, self.settings.request_timeout_s, on_close=self._release)
@@ -108,8 +123,8 @@ class Gateway:
             raise
         return replies
 
-    def admit(self) -> None:
-        """429 over the in-flight limit; 503 when a stage has had no live worker for the grace period."""
+    def admit(self, req: Request) -> None:
+        """429 over the in-flight limit; 503 when a stage it needs has had no live worker for the grace period."""
         if self.inflight >= self.settings.max_inflight:
             raise ApiError(
                 429,
@@ -117,7 +132,9 @@ class Gateway:
                 "rate_limit_error",
                 retry_after_s=1,
             )
-        if gone := self.pool.missing_roles():
+        required = self.settings.required_roles
+        gone = [r for r in self.pool.missing_roles() if r in required and (r != "encode" or req.images())]
+        if gone:
             raise ApiError(503, f"no live {', '.join(gone)} worker; retry shortly", "server_error", retry_after_s=5)
 
     def _release(self) -> None:
@@ -127,16 +144,19 @@ class Gateway:
         await self.rt.nc.publish(subjects.CANCEL, encode(Cancel(request_id=request_id)))
 
     async def readiness(self) -> dict:
-        """Ready: NATS connected and at least one live worker of each role the topology needs."""
-        needed = TOPOLOGY_ROLES[self.settings.topology]
+        """Ready: NATS connected and a live worker of each role the topology cannot serve without.
+
+        `workers` counts every role of the topology (encoders too when prefill may encode inline).
+        """
+        roles, needed = TOPOLOGY_ROLES[self.settings.topology], self.settings.required_roles
         if not self.rt.nc.is_connected:
-            return {"ready": False, "nats": "disconnected", "workers": dict.fromkeys(needed, 0)}
+            return {"ready": False, "nats": "disconnected", "workers": dict.fromkeys(roles, 0)}
         try:
             workers = await live_workers(self.rt.js)
         except (nats.errors.Error, asyncio.TimeoutError) as e:
-            return {"ready": False, "nats": f"error: {e}", "workers": dict.fromkeys(needed, 0)}
-        counts = {role: sum(w.role == role for w in workers) for role in needed}
-        return {"ready": all(counts.values()), "nats": "connected", "workers": counts}
+            return {"ready": False, "nats": f"error: {e}", "workers": dict.fromkeys(roles, 0)}
+        counts = {role: sum(w.role == role for w in workers) for role in roles}
+        return {"ready": all(counts[r] for r in needed), "nats": "connected", "workers": counts}
 
     async def _on_nats_request(self, msg: nats.aio.msg.Msg) -> None:
         """NATS-native API: the client reads chunks on its own reply subject."""

@@ -54,6 +54,9 @@ class Settings:
     image_url_hosts: str = field(default_factory=lambda: _env("EPD_IMAGE_URL_HOSTS", ""))  # empty: remote URLs off
     image_url_timeout_s: float = field(default_factory=lambda: float(_env("EPD_IMAGE_URL_TIMEOUT_S", "5")))
     max_image_pixels: int = field(default_factory=lambda: int(_env("EPD_MAX_IMAGE_PIXELS", str(4096 * 4096))))
+    inline_encode: bool = field(  # prefill encodes itself when no encoder is alive or an encode times out
+        default_factory=lambda: _env("EPD_INLINE_ENCODE", "fallback").lower() not in ("off", "0", "false")
+    )
     encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
     max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
     pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
@@ -114,6 +117,12 @@ class Settings:
             return "127.0.0.1"
 
     @property
+    def required_roles(self) -> tuple[str, ...]:
+        """Roles without which the topology cannot serve: encoders are optional when prefill may encode."""
+        roles = TOPOLOGY_ROLES[self.topology]
+        return tuple(r for r in roles if not (r == "encode" and self.inline_encode))
+
+    @property
     def image_url_host_set(self) -> frozenset[str]:
         return frozenset(h.strip() for h in self.image_url_hosts.split(",") if h.strip())
 
@@ -158,6 +167,7 @@ class Settings:
             "EPD_MAX_TOKENS": str(self.max_tokens_limit),
             "EPD_MAX_INFLIGHT": str(self.max_inflight),
             "EPD_ENCODE_WAIT_S": str(self.encode_wait_s),
+            "EPD_INLINE_ENCODE": "fallback" if self.inline_encode else "off",
             "EPD_POOL_GRACE_S": str(self.pool_grace_s),
             "EPD_NATS_CREDS": self.nats_creds,
             "EPD_NATS_USER": self.nats_user,

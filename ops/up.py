@@ -64,8 +64,13 @@ class Cluster:
         self.procs[name] = self._spawn(["worker", role], name)
         return self.procs[name]
 
+    @property
+    def cli_argv(self) -> list[str]:
+        """How this cluster runs `epd`: the same interpreter, as a module."""
+        return [sys.executable, "-m", "epd.ops.cli"]
+
     def _spawn(self, args: list[str], name: str) -> subprocess.Popen:
-        argv = [sys.executable, "-m", "epd.ops.cli", *args]
+        argv = [*self.cli_argv, *args]
         return spawn(argv, self.workdir / "logs" / f"{name}.log", env=self.settings.env())
 
     @property
@@ -79,14 +84,16 @@ class Cluster:
         self.endpoints_file.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
 
     def _ready(self) -> bool:
-        """The gateway's /ready: NATS connected and a live worker of every role."""
+        """The gateway's /ready, and every worker started here alive in the pool."""
         if dead := self.dead():
             raise RuntimeError(f"{', '.join(dead)} exited before the cluster was ready (see {self.workdir / 'logs'})")
         try:
             with urllib.request.urlopen(self.base_url + "/ready", timeout=1) as r:
-                return r.status == 200
-        except OSError:
+                live = json.loads(r.read())["workers"]
+        except OSError:  # includes 503: not ready
             return False
+        started = [name.rsplit("-", 1)[0] for name in self.procs if name != "gateway"]
+        return all(live.get(role, 0) >= started.count(role) for role in set(started))
 
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]

@@ -16,6 +16,7 @@ class PrefillJob(Struct, tag="epd.prefill_job.v1"):
     request: Request
     images: list[ImageEmbedding] = []
     pending: list[int] = []  # images another request is encoding right now: wait for them in the cache
+    encode_inline: bool = False  # no encoder is alive: the prefill worker encodes what the cache lacks
 
 
 PrefillInput = PrefillJob | EmbeddingReady

@@ -52,7 +52,9 @@ def infra_settings(tiny_model: Path, nats_server: NatsServer, mooncake_master: M
     )
 
 
-def start_cluster(tiny_model: Path, workdir: Path, topology: str, **settings_: object) -> Cluster:
+def start_cluster(
+    tiny_model: Path, workdir: Path, topology: str, counts: dict[str, int] | None = None, **settings_: object
+) -> Cluster:
     """A topology with its own NATS server and Mooncake master, as `epd up` starts it."""
     settings = Settings(
         **settings_,
@@ -65,7 +67,7 @@ def start_cluster(tiny_model: Path, workdir: Path, topology: str, **settings_: o
         mooncake_master="",
         mooncake_metadata="",
     )
-    return Cluster(settings, workdir).start(gateway_timeout_s=180)
+    return Cluster(settings, workdir).start(counts, gateway_timeout_s=180)
 
 
 @pytest.fixture(scope="session", params=["epd", "e-pd", "e-p-d"])

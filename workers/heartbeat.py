@@ -98,21 +98,25 @@ class Heartbeat:
 
 
 async def live_workers(js: nats.js.JetStreamContext) -> list[WorkerStatus]:
-    """Every worker whose heartbeat is within the TTL, oldest first."""
-    kv = await workers_bucket(js)
-    try:
-        keys = await kv.keys()
-    except nats.js.errors.NoKeysError:
-        return []
+    """Every worker whose heartbeat is within the TTL, oldest first.
+
+    Read from the bucket's stream by request and reply (which subjects hold a message, then the last
+    message of each), not with a key watcher, whose end-of-keys signal can come before the keys.
+    """
+    await workers_bucket(js)
+    stream = f"KV_{subjects.WORKERS_BUCKET}"
+    prefix = f"$KV.{subjects.WORKERS_BUCKET}."
+    info = await js.stream_info(stream, subjects_filter=prefix + ">")
     out = []
-    for key in keys:
+    for subject in info.state.subjects or {}:
         try:
-            entry = await kv.get(key)
-        except nats.js.errors.KeyNotFoundError:  # expired or left between keys() and get()
+            msg = await js.get_last_msg(stream, subject)
+        except nats.js.errors.NotFoundError:  # expired between the two requests
             continue
-        if entry.value:
-            try:
-                out.append(_status_decoder.decode(entry.value))
-            except WireError:
-                log.warning("ignoring a malformed heartbeat under %s", key)
+        if (msg.headers or {}).get("KV-Operation") in ("DEL", "PURGE") or not msg.data:
+            continue  # a worker that left
+        try:
+            out.append(_status_decoder.decode(msg.data))
+        except WireError:
+            log.warning("ignoring a malformed heartbeat under %s", subject)
     return sorted(out, key=lambda w: w.started_at)

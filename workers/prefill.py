@@ -126,7 +126,8 @@ class PrefillStage:
         if not missing:
             return loaded  # type: ignore[return-value]
         encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)  # no more waiting
-        if self.inline_encode:
+        fallback = self.rt.settings.inline_encode and (getattr(job, "encode_inline", False) or job.pending)
+        if self.inline_encode or fallback:  # (the pending encode elsewhere timed out, or no encoder is alive)
             refs = await encode_images(self.family, self.ec, encode_job)
             return await self._embeddings(PrefillJob(request=job.request, images=refs))
         if isinstance(job, EmbeddingReady):  # just encoded and already gone: do not loop

@@ -1,0 +1,66 @@
+"""Routing when the pool is not whole: with no encoder alive, prefill encodes inline, or the client
+gets a clear 503 when that is turned off (text keeps being served either way)."""
+
+import asyncio
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from epd.ops.processes import free_port, spawn, stop
+from epd.ops.trace_view import load_spans, spans_for_request
+from epd.ops.up import Cluster
+
+from .conftest import chat_body, png_bytes, post, start_cluster
+from .oracle import reference
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def no_encoders(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    c = start_cluster(tiny_model, tmp_path_factory.mktemp("no-encoders"), "e-p-d", counts={"encode": 0})
+    yield c
+    c.stop()
+
+
+async def test_no_encoder_alive_prefill_encodes_inline(no_encoders: Cluster, tiny_model: Path) -> None:
+    image = png_bytes(size=(90, 60), color=(250, 120, 0), shape="circle")
+    _, expected = reference(tiny_model, "What color is the shape?", image, 12)
+    r = await post(no_encoders, chat_body("What color is the shape?", image))
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == expected
+    for _ in range(50):
+        spans = spans_for_request(load_spans(Path(no_encoders.settings.trace_dir)), r.json()["id"])
+        if any(s["name"] == "encode" for s in spans):
+            break
+        await asyncio.sleep(0.2)
+    assert {s["service"] for s in spans if s["name"] == "encode"} == {"epd-prefill"}
+    route = next(s for s in spans if s["name"] == "route")["attributes"]
+    assert route["epd.encode_inline"] is True and route["epd.route"] == "prefill"
+
+
+async def test_inline_encoding_off_is_a_clear_503_for_images_only(no_encoders: Cluster, tmp_path: Path) -> None:
+    port = free_port()
+    settings = no_encoders.settings.replace(port=port, inline_encode=False, pool_grace_s=0.5)
+    gateway = spawn([*no_encoders.cli_argv, "gateway"], tmp_path / "gateway.log", env=settings.env())
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=1):
+                    break
+            except OSError:
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(2.0)  # past the grace period, with the pool read at least once
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            image = await client.post("/v1/chat/completions", json=chat_body("Color?", png_bytes(size=(40, 40))))
+            assert image.status_code == 503 and image.headers["retry-after"] == "5"
+            assert "no live encode worker" in image.json()["error"]["message"]
+            text = await client.post("/v1/chat/completions", json=chat_body("Just text."))
+            assert text.status_code == 200
+            ready = (await client.get("/ready")).json()
+            assert ready["ready"] is False and ready["workers"]["encode"] == 0
+    finally:
+        stop([gateway])
