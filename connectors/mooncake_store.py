@@ -23,7 +23,7 @@ class MooncakeStore:
             raise ValueError("Mooncake Store needs --mooncake-master and --mooncake-metadata (or EPD_MOONCAKE_*)")
         # The transfer engine's sockets bind this address, not every interface.
         os.environ.setdefault("MC_TCP_BIND_ADDRESS", settings.bind_host)
-        from mooncake.store import MooncakeDistributedStore
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
         self._store = MooncakeDistributedStore()
         segment = (settings.mooncake_segment_mb if segment_mb is None else segment_mb) << 20
@@ -38,6 +38,12 @@ class MooncakeStore:
         )
         if rc != 0:
             raise StoreError(f"Mooncake Store setup failed (code {rc}) with master {settings.mooncake_master}")
+        # Values go to this process's own segment first: a write never crosses the network, and never
+        # lands in the segment of a peer that died before the master noticed.
+        self._local = ReplicateConfig()
+        if segment:
+            self._local.preferred_segment = self._store.get_hostname()
+        self._anywhere = ReplicateConfig()
 
     async def exists(self, keys: list[str]) -> list[bool]:
         if not keys:
@@ -46,9 +52,12 @@ class MooncakeStore:
         return [c == 1 for c in codes]
 
     async def upsert(self, key: str, data: bytes) -> None:
-        rc = await asyncio.to_thread(self._store.upsert, key, data)
-        if rc != 0:
-            raise StoreError(f"Mooncake upsert of {key} ({len(data)} bytes) failed with code {rc}")
+        """Write `key`, in this process's segment if it has room, else anywhere (retried once)."""
+        for config in (self._local, self._anywhere, self._anywhere):
+            rc = await asyncio.to_thread(self._store.upsert, key, data, config)
+            if rc == 0:
+                return
+        raise StoreError(f"Mooncake upsert of {key} ({len(data)} bytes) failed with code {rc}")
 
     async def get(self, key: str) -> bytes | None:
         """The value, or None when the key is missing or was evicted."""
