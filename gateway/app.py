@@ -133,7 +133,8 @@ async def _serve(gw: Gateway, shape: Shape, body: ChatCompletionRequest | Comple
         },
     )
     try:
-        with trace.use_span(span, end_on_exit=False):
+        # a client's mistake (4xx) is not a span error: _finish sets the status from the HTTP code
+        with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
             req = await to_req(body, request_id, DEFAULT_MAX_TOKENS, gw.image_urls)
             span.set_attribute("gen_ai.request.max_tokens", req.sampling.max_tokens)
             replies = await gw.submit(req)

@@ -8,6 +8,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import ApiError
 
+DRAIN_BYTES = 256 << 20  # past the limit, read at most this much more of a refused body
+
 
 class BodySizeLimit:
     """Refuse a body over `max_bytes`: by its Content-Length at once, or while it streams in (chunked)."""
@@ -25,14 +27,16 @@ class BodySizeLimit:
             return
         seen = 0
         refused = False
+        more = True
 
         async def limited_receive() -> Message:
-            nonlocal seen, refused
+            nonlocal seen, refused, more
             if refused:
                 return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
+                more = message.get("more_body", False)
                 if seen > self.max_bytes:  # answer now; the app sees the client gone and stops reading
                     refused = True
                     await self._refuse(send)
@@ -44,6 +48,14 @@ class BodySizeLimit:
                 await send(message)
 
         await self.app(scope, limited_receive, guarded_send)
+        # Read the rest of a refused body (up to a bound) and drop it: a client still sending would
+        # otherwise block on a connection the server stopped reading, and never see the 413.
+        while refused and more and seen < self.max_bytes + DRAIN_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            seen += len(message.get("body", b""))
+            more = message.get("more_body", False)
 
     async def _refuse(self, send: Send) -> None:
         mb = self.max_bytes / (1 << 20)
