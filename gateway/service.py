@@ -46,9 +46,10 @@ class PoolWatch:
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
+        """Cancel the watch; wait for it briefly, never forever (shutdown must not hang on it)."""
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await asyncio.wait({self._task}, timeout=2.0)
 
     async def live(self, role: str) -> bool:
         """Whether a worker of `role` is alive. The periodic read lags by up to a second, so when it says
