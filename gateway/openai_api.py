@@ -39,13 +39,12 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class GenerationOptions(BaseModel):
+    """What both completion APIs share: the model, sampling, stopping and streaming."""
+
     model_config = ConfigDict(extra="allow")
 
     model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
@@ -55,6 +54,23 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
     stop: str | list[str] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=64)  # vLLM's
+
+    def sampling(self, max_tokens: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+            stop=stop_strings(self.stop),
+            stop_token_ids=self.stop_token_ids or [],
+        )
+
+
+class ChatCompletionRequest(GenerationOptions):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
 
 
 FINISH = {
@@ -95,15 +111,7 @@ async def to_request(body: ChatCompletionRequest, request_id: str, default_max_t
                 parts.append(ImagePart(data=await urls.fetch(p.image_url.url, n_images)))
                 n_images += 1
         messages.append(Message(role=m.role, content=parts))
-    sampling = SamplingParams(
-        max_tokens=body.max_completion_tokens or body.max_tokens or default_max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        ignore_eos=body.ignore_eos,
-        stop=stop_strings(body.stop),
-        stop_token_ids=body.stop_token_ids or [],
-    )
+    sampling = body.sampling(body.max_completion_tokens or body.max_tokens or default_max_tokens)
     return Request(model=body.model, messages=messages, sampling=sampling, request_id=request_id, stream=body.stream)
 
 
@@ -167,23 +175,11 @@ CHAT = Shape("/v1/chat/completions", "chat", "chat.completion", "chat.completion
 TEXT = Shape("/v1/completions", "text_completion", "text_completion", "text_completion", chat=False)
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(GenerationOptions):
     """`POST /v1/completions`: a raw prompt, no chat template."""
 
-    model_config = ConfigDict(extra="allow")
-
-    model: str
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this API
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int = 1
-    ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
-    stop: str | list[str] | None = None
-    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=64)  # vLLM's
     echo: bool = False
     suffix: str | None = None
     logprobs: int | None = None
@@ -203,15 +199,7 @@ async def to_text_request(
     ):
         if unsupported:
             raise ApiError(400, f"{name} is not supported by this server", param=name)
-    sampling = SamplingParams(
-        max_tokens=body.max_tokens or default_max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        ignore_eos=body.ignore_eos,
-        stop=stop_strings(body.stop),
-        stop_token_ids=body.stop_token_ids or [],
-    )
+    sampling = body.sampling(body.max_tokens or default_max_tokens)
     return Request(
         model=body.model, messages=[], prompt=prompts[0], sampling=sampling, request_id=request_id, stream=body.stream
     )
