@@ -185,15 +185,14 @@ def _trace(args: argparse.Namespace) -> int:
 
 def _healthcheck(args: argparse.Namespace) -> int:
     import os
-    import urllib.request
+
+    from epd.ops.processes import http_ok
 
     url = args.url or f"http://127.0.0.1:{os.environ.get('EPD_PORT', '8000')}/health"
-    try:
-        with urllib.request.urlopen(url, timeout=3) as r:
-            return 0 if r.status == 200 else 1
-    except OSError as e:
-        print(f"epd healthcheck: {url}: {e}", file=sys.stderr)
-        return 1
+    if http_ok(url, timeout_s=3):
+        return 0
+    print(f"epd healthcheck: {url} did not answer 200", file=sys.stderr)
+    return 1
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -7,11 +7,10 @@ free ports with their own data directory, and are stopped with their owner.
 from __future__ import annotations
 
 import subprocess
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epd.ops.processes import find_binary, free_port, port_open, spawn, stop, wait_until
+from epd.ops.processes import find_binary, free_port, http_ok, port_open, spawn, stop, wait_until
 
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # requests carry encoded images inline
 
@@ -44,12 +43,7 @@ class NatsServer:
         return self
 
     def _healthy(self) -> bool:
-        try:
-            url = f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true"
-            with urllib.request.urlopen(url, timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true")
 
     def stop(self) -> None:
         if self.proc:

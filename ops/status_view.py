@@ -7,7 +7,7 @@ import time
 import nats
 from epd.schemas import subjects
 from epd.schemas.status import WorkerStatus
-from epd.workers.heartbeat import live_workers
+from epd.workers.heartbeat import live_workers, stage_queue
 
 
 async def gather_status(nats_url: str, **connect: object) -> tuple[list[WorkerStatus], dict[str, dict[str, int]]]:
@@ -18,17 +18,11 @@ async def gather_status(nats_url: str, **connect: object) -> tuple[list[WorkerSt
         workers = await live_workers(js)
         queues = {}
         for stream, subject in subjects.STREAMS.items():
-            stage = subject.rsplit(".", 1)[-1]
+            stage = subject.rsplit(".", 1)[-1]  # each stage's durable consumer is named after it
             try:
-                info = await js.stream_info(stream)
-            except nats.js.errors.NotFoundError:
+                waiting, working = await stage_queue(js, stream, stage)
+            except nats.js.errors.NotFoundError:  # the stream does not exist yet
                 continue
-            waiting, working = info.state.messages, 0
-            try:
-                consumer = await js.consumer_info(stream, stage)
-                waiting, working = consumer.num_pending, consumer.num_ack_pending
-            except nats.js.errors.NotFoundError:
-                pass  # no worker of this stage ever started
             queues[stage] = {"waiting": waiting, "working": working}
         return workers, queues
     finally:

@@ -39,6 +39,18 @@ async def workers_bucket(js: nats.js.JetStreamContext) -> KeyValue:
         )
 
 
+async def stage_queue(js: nats.js.JetStreamContext, stream: str, durable: str) -> tuple[int, int]:
+    """(waiting, being worked on) jobs of a stage; before its consumer exists, everything in the stream waits.
+
+    Raises NotFoundError when the stream itself does not exist.
+    """
+    try:
+        consumer = await js.consumer_info(stream, durable)
+        return consumer.num_pending, consumer.num_ack_pending
+    except nats.js.errors.NotFoundError:
+        return (await js.stream_info(stream)).state.messages, 0
+
+
 class Heartbeat:
     def __init__(self, rt: Runtime, role: str, stages: list[tuple[str, str]], metrics_url: str) -> None:
         """`stages`: (durable consumer name, subject) of each stage this worker runs."""
@@ -72,11 +84,7 @@ class Heartbeat:
             self._kv = await workers_bucket(self.rt.js)
         await self._kv.put(self.key, encode(self.status()))
         for durable, subject in self.stages:
-            stream = STAGE_STREAMS[subject]
-            try:
-                waiting = (await self.rt.js.consumer_info(stream, durable)).num_pending
-            except nats.js.errors.NotFoundError:  # no consumer yet: everything in the stream waits
-                waiting = (await self.rt.js.stream_info(stream)).state.messages
+            waiting, _ = await stage_queue(self.rt.js, STAGE_STREAMS[subject], durable)
             metrics.QUEUE_DEPTH.labels(durable).set(waiting)
 
     async def run(self, stop: asyncio.Event) -> None:
