@@ -19,7 +19,7 @@ from epd.connectors.keys import KeySpace
 from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
-from epd.schemas.common import ImageEmbedding
+from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
@@ -33,6 +33,10 @@ from .errors import ApiError
 
 async def _always_live(role: str) -> bool:
     return True
+
+
+def _one(role: str) -> int:
+    return 1
 
 
 class EncodeClaims:
@@ -67,6 +71,7 @@ class Router:
         self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
         self.claims = EncodeClaims(rt.js)
         self.live: Callable[[str], Awaitable[bool]] = _always_live  # the gateway plugs in its view of the pool
+        self.pool_size: Callable[[str], int] = _one
         self.settings = rt.settings
         self.model_name = rt.settings.model_name
 
@@ -131,10 +136,28 @@ class Router:
             if not keys or self.ec is None or not claimed or inline:
                 images = [ImageEmbedding(key=k) for k in keys]
                 job = PrefillJob(request=req, images=images, pending=pending, encode_inline=inline)
-                subject, stage = subjects.PREFILL, "prefill"
+                subject, stage = (subjects.PREFILL, "prefill") if keys else (subjects.PREFILL_TEXT, "prefill")
             else:
-                job = EncodeJob(request=req, keys=keys, missing=claimed, pending=pending)
+                # several images, several encoders: encode in parallel; the lead part hands over to
+                # prefill, which waits for the other parts in the cache as it waits for `pending` ones
+                lead, *parts = split_images(claimed, images, max(1, self.pool_size("encode")))
+                for n, part in enumerate(parts, 1):
+                    side = EncodeJob(request=req, keys=keys, missing=part, handoff=False)
+                    await self.rt.publish(subjects.ENCODE, side, req.request_id, req.reply_to, f"encode-{n}")
+                job = EncodeJob(request=req, keys=keys, missing=lead, pending=pending + [i for p in parts for i in p])
                 subject, stage = subjects.ENCODE, "encode"
+                span.set_attribute("epd.encode_parts", 1 + len(parts))
             span.set_attribute("epd.route", stage)
             await self.rt.publish(subject, job, req.request_id, req.reply_to, stage)
             return subject
+
+
+def split_images(indexes: list[int], images: list[ImagePart], ways: int) -> list[list[int]]:
+    """`indexes` in at most `ways` parts of about equal bytes (largest first, each to the lightest part)."""
+    parts: list[list[int]] = [[] for _ in range(min(ways, len(indexes)))]
+    weight = [0] * len(parts)
+    for i in sorted(indexes, key=lambda i: -len(images[i].data)):
+        k = weight.index(min(weight))
+        parts[k].append(i)
+        weight[k] += len(images[i].data)
+    return [sorted(p) for p in parts]

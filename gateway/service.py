@@ -19,6 +19,7 @@ from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply
 from epd.schemas.request import Request
+from epd.schemas.status import WorkerStatus
 from epd.workers.heartbeat import live_workers
 from epd.workers.runtime import Runtime
 from opentelemetry.trace import SpanKind
@@ -38,6 +39,7 @@ class PoolWatch:
     def __init__(self, rt: Runtime, roles: tuple[str, ...], grace_s: float) -> None:
         self.rt, self.roles, self.grace_s = rt, roles, grace_s
         self._missing_since: dict[str, float] = {}
+        self._counts: dict[str, int] = {}
         self._task: asyncio.Task | None = None
 
     def start(self) -> None:
@@ -62,12 +64,21 @@ class PoolWatch:
             return False
         return role not in self._missing_since
 
+    def size(self, role: str) -> int:
+        """Live workers of `role` at the last read (at most a second old)."""
+        return self._counts.get(role, 0)
+
     def missing_roles(self) -> list[str]:
         now = time.monotonic()
         return [r for r, since in self._missing_since.items() if now - since > self.grace_s]
 
     async def _read(self) -> None:
-        live = {w.role for w in await live_workers(self.rt.js)}
+        self.observe(await live_workers(self.rt.js))
+
+    def observe(self, workers: list[WorkerStatus]) -> None:
+        """Take a fresh read of the live pool (the watch's own, or anyone's who read it)."""
+        live = {w.role for w in workers}
+        self._counts = {role: sum(w.role == role for w in workers) for role in live}
         now = time.monotonic()
         for role in self.roles:
             if role in live:
@@ -96,6 +107,7 @@ class Gateway:
         self.inflight = 0
         self.pool = PoolWatch(rt, TOPOLOGY_ROLES[rt.settings.topology], rt.settings.pool_grace_s)
         self.router.live = self.pool.live
+        self.router.pool_size = self.pool.size
         self._request_decoder = Decoder(Request)
 
     @classmethod
@@ -156,6 +168,7 @@ class Gateway:
             workers = await live_workers(self.rt.js)
         except (nats.errors.Error, asyncio.TimeoutError) as e:
             return {"ready": False, "nats": f"error: {e}", "workers": dict.fromkeys(roles, 0)}
+        self.pool.observe(workers)  # ready means the router sees this pool too
         counts = {role: sum(w.role == role for w in workers) for role in roles}
         return {"ready": all(counts[r] for r in needed), "nats": "connected", "workers": counts}
 

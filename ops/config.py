@@ -60,6 +60,7 @@ class Settings:
     encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
     max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
     pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
+    kv_cache_tokens: int = field(default_factory=lambda: int(_env("EPD_KV_CACHE_TOKENS", "131072")))
     max_tokens_limit: int = field(default_factory=lambda: int(_env("EPD_MAX_TOKENS", "4096")))
     nats_creds: str = field(default_factory=lambda: _env("EPD_NATS_CREDS", ""))
     nats_user: str = field(default_factory=lambda: _env("EPD_NATS_USER", ""))
@@ -93,6 +94,7 @@ class Settings:
             "max_image_pixels",
             "max_image_mb",
             "max_tokens_limit",
+            "kv_cache_tokens",
             "image_url_timeout_s",
         ):
             if getattr(self, name) <= 0:
@@ -165,6 +167,7 @@ class Settings:
             "EPD_IMAGE_URL_HOSTS": self.image_url_hosts,
             "EPD_IMAGE_URL_TIMEOUT_S": str(self.image_url_timeout_s),
             "EPD_MAX_TOKENS": str(self.max_tokens_limit),
+            "EPD_KV_CACHE_TOKENS": str(self.kv_cache_tokens),
             "EPD_MAX_INFLIGHT": str(self.max_inflight),
             "EPD_ENCODE_WAIT_S": str(self.encode_wait_s),
             "EPD_INLINE_ENCODE": "fallback" if self.inline_encode else "off",

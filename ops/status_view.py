@@ -17,10 +17,9 @@ async def gather_status(nats_url: str, **connect: object) -> tuple[list[WorkerSt
         js = nc.jetstream()
         workers = await live_workers(js)
         queues = {}
-        for stream, subject in subjects.STREAMS.items():
-            stage = subject.rsplit(".", 1)[-1]  # each stage's durable consumer is named after it
+        for stage, (stream, subject) in subjects.QUEUES.items():
             try:
-                waiting, working = await stage_queue(js, stream, stage)
+                waiting, working = await stage_queue(js, stream, stage, subject)
             except nats.js.errors.NotFoundError:  # the stream does not exist yet
                 continue
             queues[stage] = {"waiting": waiting, "working": working}
@@ -45,7 +44,7 @@ def render_status(workers: list[WorkerStatus], queues: dict[str, dict[str, int]]
     if not workers:
         lines.append("(no live workers)")
     lines.append("")
-    lines.append(f"{'queue':<8} {'waiting':>8} {'working':>8}")
+    lines.append(f"{'queue':<12} {'waiting':>8} {'working':>8}")
     for stage, q in queues.items():
-        lines.append(f"{stage:<8} {q['waiting']:>8} {q['working']:>8}")
+        lines.append(f"{stage:<12} {q['waiting']:>8} {q['working']:>8}")
     return "\n".join(lines)

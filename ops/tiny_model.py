@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -46,7 +47,7 @@ _CORPUS = (
 )
 
 
-def build_tokenizer(out: Path, vocab_size: int = 400) -> int:
+def build_tokenizer(out: Path, vocab_size: int = 400, corpus: str = _CORPUS) -> int:
     """Train a byte-level BPE on a fixed corpus (deterministic) and save it."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -60,7 +61,7 @@ def build_tokenizer(out: Path, vocab_size: int = 400) -> int:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.train_from_iterator([corpus] * 4, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -72,22 +73,17 @@ def build_tokenizer(out: Path, vocab_size: int = 400) -> int:
     return len(fast)
 
 
-def build_tiny_qwen2_vl(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """Write a random-weight Qwen2-VL checkpoint to `out`: a few MB at the default size.
+def qwen2_vl_config(vocab: int, hidden: int, layers: int, vision_width: int | None = None) -> Any:
+    """A small Qwen2-VL configuration: 4 attention heads, GQA 2, M-RoPE, 14-pixel patches merged 2x2.
 
-    `hidden` and `layers` make a bigger one (benchmarks): `hidden` must be a multiple of 16.
+    `hidden` must be a multiple of 16; the vision tower is `layers` deep and `vision_width` wide.
     """
-    import torch
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    from transformers import Qwen2VLConfig
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    vocab = build_tokenizer(out)
     ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}  # special tokens are added first
     half = hidden // 4 // 2  # half the head dim (4 heads): the rotary dims M-RoPE splits over t, h, w
     mrope = [half // 4, 3 * half // 8, half - half // 4 - 3 * half // 8]
-    config = Qwen2VLConfig(
+    return Qwen2VLConfig(
         text_config={
             "vocab_size": vocab,
             "hidden_size": hidden,
@@ -103,7 +99,7 @@ def build_tiny_qwen2_vl(out: str | Path, seed: int = 0, hidden: int = 64, layers
         },
         vision_config={
             "depth": layers,
-            "embed_dim": hidden // 2,
+            "embed_dim": vision_width or hidden // 2,
             "hidden_size": hidden,
             "num_heads": 2,
             "mlp_ratio": 2,
@@ -118,15 +114,36 @@ def build_tiny_qwen2_vl(out: str | Path, seed: int = 0, hidden: int = 64, layers
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
+
+
+def save_checkpoint(model: Any, out: Path, min_pixels: int, max_pixels: int) -> Path:
+    """Weights, generation config, image processor and chat template, beside the tokenizer already in `out`."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    ids = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels).save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
+    return out
+
+
+def build_tiny_qwen2_vl(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
+    """Write a random-weight Qwen2-VL checkpoint to `out`: a few MB at the default size.
+
+    `hidden` and `layers` make a bigger one (benchmarks): `hidden` must be a multiple of 16.
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = qwen2_vl_config(build_tokenizer(out), hidden, layers)
     torch.manual_seed(seed)
     model = Qwen2VLForConditionalGeneration(config).eval()
     with torch.no_grad():  # larger weights than the init's: logits far apart, so argmax is stable
         for p in model.parameters():
             if p.ndim >= 2:
                 p.normal_(0.0, 0.2)
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    Qwen2VLImageProcessorPil(min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64).save_pretrained(out)
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}))
-    return out
+    return save_checkpoint(model, out, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)

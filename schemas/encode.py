@@ -11,6 +11,7 @@ class EncodeJob(Struct, tag="epd.encode_job.v1"):
     keys: list[str]  # content key of every image of the request, in order
     missing: list[int]  # indexes into `keys` that the encoder must compute
     pending: list[int] = []  # indexes another request is encoding right now: prefill waits for them
+    handoff: bool = True  # False: one of several parts of the request encoded in parallel; save, hand nothing over
 
 
 class EmbeddingReady(Struct, tag="epd.embedding_ready.v1"):

@@ -24,3 +24,4 @@ class WorkerStatus(Struct, tag="epd.worker.v1"):
     ec_hits: int = 0  # encoder-cache lookups that found the embedding
     ec_misses: int = 0
     kv_tokens: int = 0  # tokens of KV cache held by running generations (decoders)
+    kv_capacity: int = 0  # tokens of KV cache it may hold (decoders; prefill prefers the most free)

@@ -7,12 +7,36 @@ from epd.schemas.common import WIRE_VERSION
 PREFIX = f"epd.{WIRE_VERSION}"
 REQUEST = f"{PREFIX}.request"  # NATS-native API: publish a Request with a reply subject
 ENCODE = f"{PREFIX}.encode"
-PREFILL = f"{PREFIX}.prefill"
-DECODE = f"{PREFIX}.decode"
+PREFILL = f"{PREFIX}.prefill"  # requests with images
+PREFILL_TEXT = f"{PREFIX}.prefill.text"  # text-only requests: their own consumer, never queued behind images
+DECODE = f"{PREFIX}.decode"  # KV ready, for any decoder
 CANCEL = f"{PREFIX}.cancel"
 
-# stream name -> subject; one durable work-queue stream per stage
-STREAMS = {"EPD_ENCODE": ENCODE, "EPD_PREFILL": PREFILL, "EPD_DECODE": DECODE}
+
+def decode_for(worker_id: str) -> str:
+    """KV ready for one decoder, the one prefill chose (worker ids hold no dots)."""
+    return f"{DECODE}.to.{worker_id}"
+
+
+# stream name -> its subjects; one durable work-queue stream per stage
+STREAMS = {"EPD_ENCODE": [ENCODE], "EPD_PREFILL": [PREFILL, PREFILL_TEXT], "EPD_DECODE": [DECODE, decode_for("*")]}
+
+# the shared queues: name (also the durable consumer's name) -> (stream, subject)
+QUEUES = {
+    "encode": ("EPD_ENCODE", ENCODE),
+    "prefill": ("EPD_PREFILL", PREFILL),
+    "prefill-text": ("EPD_PREFILL", PREFILL_TEXT),
+    "decode": ("EPD_DECODE", DECODE),
+}
+
+
+def stream_of(subject: str) -> str:
+    """The stream that stores `subject`."""
+    for name, subs in STREAMS.items():
+        for s in subs:
+            if s == subject or (s.endswith(".*") and subject.startswith(s[:-1]) and "." not in subject[len(s) - 1 :]):
+                return name
+    raise ValueError(f"no stream stores {subject!r}")
 
 # headers
 REPLY_HEADER = "Epd-Reply-To"  # so that even an undecodable message can be answered

@@ -21,19 +21,24 @@ def _load(model_dir: str):  # noqa: ANN202
     return model, AutoTokenizer.from_pretrained(model_dir), AutoImageProcessor.from_pretrained(model_dir)
 
 
-def reference(model_dir: Path, question: str, image: bytes | None, max_new_tokens: int) -> tuple[list[int], str]:
-    """Greedy token ids (EOS included when reached) and their text."""
+def reference(
+    model_dir: Path, question: str, image: bytes | list[bytes] | None, max_new_tokens: int
+) -> tuple[list[int], str]:
+    """Greedy token ids (EOS included when reached) and their text; `image`: none, one, or several in order."""
     model, tok, proc = _load(str(model_dir))
-    content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
+    images = [image] if isinstance(image, bytes) else image or []
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
     text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
     kwargs = {}
-    if image:
-        pix = proc(images=[Image.open(io.BytesIO(image)).convert("RGB")], return_tensors="pt")
-        n = int(pix["image_grid_thw"].prod()) // model.config.vision_config.spatial_merge_size**2
-        text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
+    if images:
+        pix = proc(images=[Image.open(io.BytesIO(im)).convert("RGB") for im in images], return_tensors="pt")
+        merge = model.config.vision_config.spatial_merge_size**2
+        for grid in pix["image_grid_thw"]:  # each placeholder in turn becomes its image's tokens
+            text = text.replace("<|image_pad|>", "<|IMAGE|>" * (int(grid.prod()) // merge), 1)
+        text = text.replace("<|IMAGE|>", "<|image_pad|>")
         kwargs = {"pixel_values": pix["pixel_values"], "image_grid_thw": pix["image_grid_thw"]}
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
-    if image:
+    if images:
         kwargs["mm_token_type_ids"] = (ids == model.config.image_token_id).int()
     with torch.no_grad():
         out = model.generate(

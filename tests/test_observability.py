@@ -237,6 +237,11 @@ async def test_trace_lists_the_last_and_the_slowest_requests(cluster: Cluster) -
     for rid in ids:
         await complete_trace(cluster, rid, {"epd-gateway": GATEWAY_SPANS})
     trace_dir = cluster.settings.trace_dir
+    count = -1
+    for _ in range(50):  # until every process has flushed (every 200 ms): the CLI and the test read the same
+        await asyncio.sleep(0.5)
+        if count == (count := len(load_spans(Path(trace_dir)))):
+            break
     last = run_cli("trace", "--last", "2", "--dir", trace_dir)
     assert last.returncode == 0, last.stderr
     assert [line.split()[0] for line in last.stdout.splitlines()] == ids[1:]

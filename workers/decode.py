@@ -73,6 +73,7 @@ class Decoder:
         self.rt, self.family = rt, family
         self.eos = ckpt.eos_token_ids()
         self.max_len = ckpt.max_model_len()
+        rt.load.kv_capacity = rt.settings.kv_cache_tokens
 
     async def generate(self, gen: Generation, state: DecodeState) -> None:
         load = self.rt.load

@@ -58,6 +58,8 @@ class EncodeStage:
 
     async def handle(self, job: EncodeJob) -> None:
         refs = await encode_images(self.family, self.ec, job)
+        if not job.handoff:  # the request's lead part hands over; prefill waits for this part in the cache
+            return
         req = job.request
         await self.rt.publish(
             subjects.PREFILL,

@@ -12,7 +12,6 @@ import logging
 import os
 import socket
 import time
-import uuid
 
 import nats
 from epd.ops import metrics
@@ -25,7 +24,6 @@ from nats.js.kv import KeyValue
 
 log = logging.getLogger(__name__)
 
-STAGE_STREAMS = {subject: name for name, subject in subjects.STREAMS.items()}
 _status_decoder: Decoder[WorkerStatus] = Decoder(WorkerStatus)
 
 
@@ -39,8 +37,8 @@ async def workers_bucket(js: nats.js.JetStreamContext) -> KeyValue:
         )
 
 
-async def stage_queue(js: nats.js.JetStreamContext, stream: str, durable: str) -> tuple[int, int]:
-    """(waiting, being worked on) jobs of a stage; before its consumer exists, everything in the stream waits.
+async def stage_queue(js: nats.js.JetStreamContext, stream: str, durable: str, subject: str) -> tuple[int, int]:
+    """(waiting, being worked on) jobs of a stage; before its consumer exists, all of `subject` waits.
 
     Raises NotFoundError when the stream itself does not exist.
     """
@@ -48,14 +46,15 @@ async def stage_queue(js: nats.js.JetStreamContext, stream: str, durable: str) -
         consumer = await js.consumer_info(stream, durable)
         return consumer.num_pending, consumer.num_ack_pending
     except nats.js.errors.NotFoundError:
-        return (await js.stream_info(stream)).state.messages, 0
+        info = await js.stream_info(stream, subjects_filter=subject)
+        return sum((info.state.subjects or {}).values()), 0
 
 
 class Heartbeat:
     def __init__(self, rt: Runtime, role: str, stages: list[tuple[str, str]], metrics_url: str) -> None:
         """`stages`: (durable consumer name, subject) of each stage this worker runs."""
         self.rt, self.role, self.stages, self.metrics_url = rt, role, stages, metrics_url
-        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.worker_id = rt.worker_id
         self.key = f"{role}.{self.worker_id}"
         self.started_at = time.time()
         self._kv: KeyValue | None = None
@@ -77,6 +76,7 @@ class Heartbeat:
             ec_hits=load.ec_hits,
             ec_misses=load.ec_misses,
             kv_tokens=load.kv_tokens,
+            kv_capacity=load.kv_capacity,
         )
 
     async def beat(self) -> None:
@@ -84,7 +84,7 @@ class Heartbeat:
             self._kv = await workers_bucket(self.rt.js)
         await self._kv.put(self.key, encode(self.status()))
         for durable, subject in self.stages:
-            waiting, _ = await stage_queue(self.rt.js, STAGE_STREAMS[subject], durable)
+            waiting, _ = await stage_queue(self.rt.js, subjects.stream_of(subject), durable, subject)
             metrics.QUEUE_DEPTH.labels(durable).set(waiting)
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 import nats
 from epd.ops import metrics
+from epd.ops.config import Settings
 from epd.ops.tracing import attempt_span_id, extract_context, fixed_span_id, tracer
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, WireError
@@ -50,6 +51,36 @@ class Stage(Protocol):
     async def handle(self, job: Any) -> None: ...
 
 
+class Lane:
+    """A stage fed from another queue: its own subject, durable consumer and slots, the same handler.
+
+    Text-only prefill is a lane beside the image one, so image requests cannot starve it; a decoder's
+    own lane receives the requests that prefill chose it for. Spans and metrics keep the stage's name.
+    """
+
+    def __init__(
+        self, stage: Stage, durable: str, subject: str, inactive_s: float | None = None, label: str | None = None
+    ) -> None:
+        """`label`: the subject spans name (default `subject`), for a subject with a worker id in it."""
+        self.stage, self.durable, self.subject, self.inactive_s = stage, durable, subject, inactive_s
+        self.name, self.capacity, self.message_type = stage.name, stage.capacity, stage.message_type
+        self.label = label or subject
+
+    async def handle(self, job: Any) -> None:
+        await self.stage.handle(job)
+
+
+def consumer_config(settings: Settings, inactive_s: float | None = None) -> ConsumerConfig:
+    """Every stage consumer's settings; `inactive_s`: delete it when nobody has pulled for that long."""
+    return ConsumerConfig(
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        max_deliver=settings.max_deliver,
+        max_ack_pending=-1,
+        inactive_threshold=inactive_s,
+    )
+
+
 class StageLoop:
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
@@ -59,16 +90,14 @@ class StageLoop:
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        s = self.rt.settings
+        durable = getattr(self.stage, "durable", self.stage.name)
         sub = await self.rt.js.pull_subscribe(
             self.stage.subject,
-            durable=self.stage.name,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=s.ack_wait_s, max_deliver=s.max_deliver, max_ack_pending=-1
-            ),
+            durable=durable,
+            config=consumer_config(self.rt.settings, getattr(self.stage, "inactive_s", None)),
         )
         self.rt.load.capacity += self.stage.capacity
-        log.info("%s: consuming %s (capacity %d)", self.stage.name, self.stage.subject, self.stage.capacity)
+        log.info("%s: consuming %s (capacity %d)", durable, self.stage.subject, self.stage.capacity)
         while not self._stopping.is_set():
             free = self.stage.capacity - len(self._tasks)
             if free <= 0:
@@ -106,11 +135,16 @@ class StageLoop:
             links.append(Link(first, {"epd.link": "first attempt"}))
         with fixed_span_id(first_id) if attempt == 1 else nullcontext():
             span = tracer().start_span(
-                f"{stage} {self.stage.subject}",
+                f"{stage} {getattr(self.stage, 'label', self.stage.subject)}",
                 context=parent,
                 kind=SpanKind.CONSUMER,
                 links=links,
-                attributes={"epd.request_id": request_id, "epd.stage": stage, "epd.attempt": attempt},
+                attributes={
+                    "epd.request_id": request_id,
+                    "epd.stage": stage,
+                    "epd.attempt": attempt,
+                    "messaging.destination.name": msg.subject,
+                },
             )
         load = self.rt.load
         load.active += 1

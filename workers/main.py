@@ -13,7 +13,7 @@ from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.heartbeat import Heartbeat
 from epd.workers.loop import StageLoop
-from epd.workers.roles import build_stages
+from epd.workers.roles import build_role
 from epd.workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,10 @@ async def run_worker(role: str, settings: Settings) -> None:
     ckpt = Checkpoint.open(settings.model)
     family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype)
     rt = await Runtime.start(settings, name=f"epd-{role}")
-    stages, store = build_stages(role, rt, ckpt, family)
-    loops = [StageLoop(s, rt) for s in stages]
+    parts = build_role(role, rt, ckpt, family)
+    loops = [StageLoop(s, rt) for s in parts.stages]
     metrics_url = serve_metrics(settings.bind_host, settings.metrics_port, settings.reachable_host)
-    heartbeat = Heartbeat(rt, role, [(s.name, s.subject) for s in stages], metrics_url)
+    heartbeat = Heartbeat(rt, role, [(getattr(s, "durable", s.name), s.subject) for s in parts.stages], metrics_url)
     stopping = asyncio.Event()
 
     def stop() -> None:
@@ -40,13 +40,14 @@ async def run_worker(role: str, settings: Settings) -> None:
         loop.add_signal_handler(sig, stop)
     log.info("worker %s (%s) ready: model %s, metrics %s", role, heartbeat.worker_id, settings.model, metrics_url)
     beating = asyncio.create_task(heartbeat.run(stopping))
+    background = [asyncio.create_task(task(stopping)) for task in parts.background]
     try:
         await asyncio.gather(*(lp.run() for lp in loops))
     finally:
         stopping.set()
-        await beating
+        await asyncio.gather(beating, *background)
         await rt.close()
-        if store is not None:
-            store.close()
+        if parts.store is not None:
+            parts.store.close()
         if provider is not None:
             provider.shutdown()

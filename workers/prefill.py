@@ -16,6 +16,7 @@ from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
 from epd.workers.decode import Decoder, Generation, chunk, finish_reason
+from epd.workers.decoder_choice import DecoderPicker
 from epd.workers.encode import encode_images
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
@@ -159,8 +160,8 @@ class PrefillStage:
         return missing
 
 
-def remote_decode(rt: Runtime, kv: KVConnector) -> Handoff:
-    """e-p-d: ship the KV through the connector and tell the decoders."""
+def remote_decode(rt: Runtime, kv: KVConnector, picker: DecoderPicker) -> Handoff:
+    """e-p-d: ship the KV through the connector and tell the decoder with the most free KV (any, if none known)."""
 
     async def handoff(gen: Generation, out: Prefilled) -> None:
         nbytes = out.kv.numel() * out.kv.element_size()
@@ -177,7 +178,9 @@ def remote_decode(rt: Runtime, kv: KVConnector) -> Handoff:
             rope_delta=out.rope_delta,
             kv=handle,
         )
-        await rt.publish(subjects.DECODE, ready, gen.request_id, gen.reply_to, "decode")
+        target = await picker.choose(gen.prompt_tokens + gen.sampling.max_tokens)
+        subject = subjects.DECODE if target is None else subjects.decode_for(target)
+        await rt.publish(subject, ready, gen.request_id, gen.reply_to, "decode")
 
     return handoff
 

@@ -1,44 +1,69 @@
 """Roles: which stages a worker process runs, and with which connectors.
 
-| role    | consumes        | encoder cache | KV                 |
-|---------|-----------------|---------------|--------------------|
-| encode  | encode          | Mooncake      | -                  |
-| prefill | prefill         | Mooncake      | sends (Mooncake)   |
-| decode  | decode          | -             | receives (Mooncake)|
-| pd      | prefill         | Mooncake      | stays in process   |
-| epd     | prefill         | in process    | stays in process   |
+| role    | consumes                       | encoder cache | KV                 |
+|---------|--------------------------------|---------------|--------------------|
+| encode  | encode                         | Mooncake      | -                  |
+| prefill | prefill, prefill-text          | Mooncake      | sends (Mooncake)   |
+| decode  | decode, decode-<its worker id> | -             | receives (Mooncake)|
+| pd      | prefill, prefill-text          | Mooncake      | stays in process   |
+| epd     | prefill, prefill-text          | in process    | stays in process   |
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
+from epd.schemas import subjects
 from epd.workers.decode import Decoder, DecodeStage
+from epd.workers.decoder_choice import DIRECT_INACTIVE_S, DecoderPicker, decoder_durable, rescue_loop
 from epd.workers.encode import EncodeStage
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Family
-from epd.workers.loop import Stage
+from epd.workers.loop import Lane, Stage
 from epd.workers.prefill import PrefillStage, local_decode, remote_decode
 from epd.workers.runtime import Runtime
 
 
-def build_stages(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> tuple[list[Stage], MooncakeStore | None]:
-    """The stages of a role, and the store client to close at exit (None for `epd`)."""
+@dataclass
+class Role:
+    """What a worker process runs: stage loops, background tasks (run until `stop` is set), a store to close."""
+
+    stages: list[Stage]
+    store: MooncakeStore | None = None
+    background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
+
+
+def text_lane(prefill: PrefillStage) -> Lane:
+    """Text-only requests: a queue and slots of their own, beside the image requests'."""
+    return Lane(prefill, "prefill-text", subjects.PREFILL_TEXT)
+
+
+def build_role(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> Role:
     if role == "epd":
         decoder = Decoder(rt, ckpt, family)
         ec = InProcessECConnector()
-        return [PrefillStage(rt, ckpt, family, ec, local_decode(decoder, family), inline_encode=True)], None
+        prefill = PrefillStage(rt, ckpt, family, ec, local_decode(decoder, family), inline_encode=True)
+        return Role([prefill, text_lane(prefill)])
     store = MooncakeStore(rt.settings)
     if role == "encode":
-        return [EncodeStage(rt, family, MooncakeECConnector(store))], store
+        return Role([EncodeStage(rt, family, MooncakeECConnector(store))], store)
     if role == "prefill":
-        handoff = remote_decode(rt, MooncakeStoreKVConnector(store))
-        return [PrefillStage(rt, ckpt, family, MooncakeECConnector(store), handoff)], store
+        handoff = remote_decode(rt, MooncakeStoreKVConnector(store), DecoderPicker(rt))
+        prefill = PrefillStage(rt, ckpt, family, MooncakeECConnector(store), handoff)
+        return Role([prefill, text_lane(prefill)], store)
     if role == "decode":
-        return [DecodeStage(rt, ckpt, family, MooncakeStoreKVConnector(store))], store
+        decode = DecodeStage(rt, ckpt, family, MooncakeStoreKVConnector(store))
+        mine = subjects.decode_for(rt.worker_id)
+        own = Lane(decode, decoder_durable(rt.worker_id), mine, DIRECT_INACTIVE_S, label=subjects.DECODE)
+        return Role([decode, own], store, [lambda stop: rescue_loop(rt, stop)])
     if role == "pd":
         handoff = local_decode(Decoder(rt, ckpt, family), family)
-        return [PrefillStage(rt, ckpt, family, MooncakeECConnector(store), handoff)], store
+        prefill = PrefillStage(rt, ckpt, family, MooncakeECConnector(store), handoff)
+        return Role([prefill, text_lane(prefill)], store)
     raise ValueError(f"unknown role {role!r}; roles: encode, prefill, decode, pd, epd")

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+import socket
 import ssl
 import time
+import uuid
 from dataclasses import dataclass
 
 import msgspec
@@ -51,10 +55,10 @@ def nats_auth(settings: Settings) -> dict:
 
 async def ensure_streams(js: nats.js.JetStreamContext) -> None:
     """Create the per-stage work-queue streams; idempotent, any process may call it."""
-    for name, subject in subjects.STREAMS.items():
+    for name, subs in subjects.STREAMS.items():
         cfg = StreamConfig(
             name=name,
-            subjects=[subject],
+            subjects=subs,
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
             max_msg_size=NATS_MAX_PAYLOAD,
@@ -93,6 +97,7 @@ class Load:
     ec_hits: int = 0
     ec_misses: int = 0
     kv_tokens: int = 0
+    kv_capacity: int = 0
 
 
 class Runtime:
@@ -104,6 +109,9 @@ class Runtime:
         self.js = nc.jetstream()
         self.cancelled = Cancellations()
         self.load = Load()
+        # unique in the pool, and usable as a NATS subject token (no dots, no wildcards)
+        host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+        self.worker_id = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._cancel_decoder = Decoder(Cancel)
 
     @classmethod
