@@ -53,9 +53,9 @@ def parser() -> argparse.ArgumentParser:
     _common(up)
     up.add_argument("--topology", choices=TOPOLOGIES, help="epd, e-pd or e-p-d (EPD_TOPOLOGY, default e-p-d)")
     up.add_argument("--workdir", type=Path, default=Path(".epd"), help="logs, traces, NATS data (default .epd)")
-    up.add_argument("--encoders", type=int, default=1)
-    up.add_argument("--prefills", type=int, default=1)
-    up.add_argument("--decoders", type=int, default=1)
+    up.add_argument("--encoders", type=int, default=1, help="encode workers (e-pd, e-p-d)")
+    up.add_argument("--prefills", type=int, default=1, help="prefill workers; pd workers in e-pd, epd workers in epd")
+    up.add_argument("--decoders", type=int, default=1, help="decode workers (e-p-d)")
 
     w = sub.add_parser("worker", help="run one worker")
     w.add_argument("role", choices=ROLES)
@@ -152,7 +152,8 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
 
         print(f"epd up: building the demo checkpoint at {settings.model}", flush=True)
         build_tiny_qwen2_vl(settings.model)
-    counts = {"encode": args.encoders, "prefill": args.prefills, "decode": args.decoders, "pd": args.prefills}
+    counts = {"encode": args.encoders, "decode": args.decoders}
+    counts |= dict.fromkeys(("prefill", "pd", "epd"), args.prefills)  # the worker that prefills, by topology
     return run_up(settings, workdir, counts)
 
 

@@ -18,8 +18,7 @@ from typing import Any
 from epd.ops import shapes
 from epd.ops.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, qwen2_vl_config, save_checkpoint
 
-NAME = "epd-demo-qwen2-vl"
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / NAME  # committed with the project
+SHIPPED = Path(__file__).resolve().parent.parent / "models" / "epd-demo-qwen2-vl"  # where it is to ship
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 25  # 4 to 25 image tokens a picture
 QUESTIONS = shapes.COLOR_QUESTIONS + shapes.SHAPE_QUESTIONS + shapes.DESCRIBE_QUESTIONS
 
@@ -38,7 +37,7 @@ class Recipe:
     layers: int = 3
     vision_width: int = 96
     seed: int = 0
-    threads: int = 2
+    threads: int = 1
     max_pixels: int = MAX_PIXELS
 
 

@@ -111,6 +111,31 @@ async def test_prefill_spreads_requests_over_both_decoders(up: Up) -> None:
     assert all(after[w] > before[w] for w in before)
 
 
+@pytest.mark.parametrize("topology, counts", [("e-pd", {"encode": 2, "pd": 2}), ("epd", {"epd": 2})])
+async def test_epd_up_scales_the_other_topologies(
+    topology: str, counts: dict[str, int], tiny_model: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "epd.ops.cli", "up", "--topology", topology, "--model", str(tiny_model)]
+    argv += ["--port", str(port), "--workdir", str(tmp_path), "--encoders", "2", "--prefills", "2"]
+    proc = spawn(argv, tmp_path / "up.log", env={**os.environ, "EPD_MOONCAKE_SEGMENT_MB": "32"})
+    try:
+        wait_until(lambda: "serving" in (tmp_path / "up.log").read_text(), 240, f"epd up {topology}", proc)
+        nats_url = json.loads((tmp_path / "endpoints.json").read_text())["nats_url"]
+        workers, _ = await gather_status(nats_url)
+        assert {role: sum(w.role == role for w in workers) for role in counts} == counts
+        body = {**chat_body("Keep talking."), "max_tokens": 20, "ignore_eos": True}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+            answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(8)))
+        assert [a.status_code for a in answers] == [200] * 8
+        await asyncio.sleep(1.2)  # a heartbeat with the final counts
+        workers, _ = await gather_status(nats_url)
+        served = [w.served for w in workers if w.role in ("pd", "epd")]
+        assert len(served) == 2 and min(served) > 0, served  # both took requests
+    finally:
+        stop([proc])
+
+
 async def test_text_is_served_while_image_requests_hold_every_prefill_slot(up: Up) -> None:
     """Two image requests wait in prefill for an embedding that another request claims to be encoding
     (EPD_ENCODE_WAIT_S=8), one on each prefill worker; a text request must not queue behind them."""
