@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 
 import httpx
-from epd.ops.config import Settings
-from epd.ops.processes import free_port
 from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
 from PIL import Image, ImageDraw
@@ -80,18 +78,10 @@ async def round_(base_url: str, reqs: list[dict], concurrency: int) -> tuple[flo
 
 
 def start(model: Path, workdir: Path, tracing: bool) -> Cluster:
-    settings = Settings(
-        model=model,
-        topology="e-p-d",
-        port=free_port(),
-        tracing=tracing,
-        nats_url="",
-        mooncake_master="",
-        mooncake_metadata="",
-        mooncake_segment_mb=64,
-        trace_dir=str(workdir / "traces") if tracing else "",
+    trace_dir = str(workdir / "traces") if tracing else ""
+    return Cluster.local(
+        model, workdir, gateway_timeout_s=300, tracing=tracing, mooncake_segment_mb=64, trace_dir=trace_dir
     )
-    return Cluster(settings, workdir).start(gateway_timeout_s=300)
 
 
 async def main() -> None:

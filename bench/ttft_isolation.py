@@ -34,9 +34,7 @@ from pathlib import Path
 
 import httpx
 from epd.ops import shapes
-from epd.ops.config import Settings
 from epd.ops.demo_model import SHIPPED
-from epd.ops.processes import free_port
 from epd.ops.status_view import gather_status
 from epd.ops.up import Cluster
 
@@ -76,18 +74,8 @@ async def text_run(client: httpx.AsyncClient, model: str, n: int) -> list[float]
 
 
 async def measure(topology: str, model: Path, args: argparse.Namespace, workdir: Path) -> dict:
-    settings = Settings(
-        model=model,
-        topology=topology,
-        port=free_port(),
-        trace_dir=str(workdir / "traces"),
-        mooncake_segment_mb=64,
-        nats_url="",
-        mooncake_master="",
-        mooncake_metadata="",
-    )
-    cluster = Cluster(settings, workdir).start(gateway_timeout_s=180)
-    name, rng = settings.model_name, random.Random(7)
+    cluster = Cluster.local(model, workdir, topology, mooncake_segment_mb=64)
+    name, rng = cluster.settings.model_name, random.Random(7)
     try:
         async with httpx.AsyncClient(base_url=cluster.base_url, timeout=300) as client:
             await text_run(client, name, 10)  # warm up

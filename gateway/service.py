@@ -169,7 +169,7 @@ class Gateway:
         except (nats.errors.Error, asyncio.TimeoutError) as e:
             return {"ready": False, "nats": f"error: {e}", "workers": dict.fromkeys(roles, 0)}
         self.pool.observe(workers)  # ready means the router sees this pool too
-        counts = {role: sum(w.role == role for w in workers) for role in roles}
+        counts = {role: self.pool.size(role) for role in roles}
         return {"ready": all(counts[r] for r in needed), "nats": "connected", "workers": counts}
 
     async def _on_nats_request(self, msg: nats.aio.msg.Msg) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from epd.ops.config import TOPOLOGY_ROLES, Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
-from epd.ops.processes import spawn, stop, wait_until
+from epd.ops.processes import free_port, spawn, stop, wait_until
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,29 @@ class Cluster:
     nats: NatsServer | None = None
     master: MooncakeMaster | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @classmethod
+    def local(
+        cls,
+        model: Path,
+        workdir: Path,
+        topology: str = "e-p-d",
+        counts: dict[str, int] | None = None,
+        gateway_timeout_s: float = 180.0,
+        **overrides: object,
+    ) -> Cluster:
+        """Start a whole topology as `epd up` does, with its own NATS server and Mooncake master and the
+        gateway on a free port, spans under `workdir/traces` (tests, benchmarks); `overrides`: settings."""
+        fields: dict = {
+            "model": model,
+            "topology": topology,
+            "port": free_port(),
+            "trace_dir": str(workdir / "traces"),
+            "nats_url": "",
+            "mooncake_master": "",
+            "mooncake_metadata": "",
+        }
+        return cls(Settings(**(fields | overrides)), workdir).start(counts, gateway_timeout_s)
 
     @property
     def base_url(self) -> str:

@@ -13,7 +13,6 @@ import httpx
 import pytest
 from epd.ops.config import Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
-from epd.ops.processes import free_port
 from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
@@ -56,18 +55,7 @@ def start_cluster(
     tiny_model: Path, workdir: Path, topology: str, counts: dict[str, int] | None = None, **settings_: object
 ) -> Cluster:
     """A topology with its own NATS server and Mooncake master, as `epd up` starts it."""
-    settings = Settings(
-        **settings_,
-        model=tiny_model,
-        topology=topology,
-        port=free_port(),
-        trace_dir=str(workdir / "traces"),
-        mooncake_segment_mb=32,
-        nats_url="",
-        mooncake_master="",
-        mooncake_metadata="",
-    )
-    return Cluster(settings, workdir).start(counts, gateway_timeout_s=180)
+    return Cluster.local(tiny_model, workdir, topology, counts, mooncake_segment_mb=32, **settings_)
 
 
 @pytest.fixture(scope="session", params=["epd", "e-pd", "e-p-d"])

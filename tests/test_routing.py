@@ -31,9 +31,9 @@ async def test_no_encoder_alive_prefill_encodes_inline(no_encoders: Cluster, tin
     r = await post(no_encoders, chat_body("What color is the shape?", image))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == expected
-    for _ in range(50):
+    for _ in range(50):  # each process flushes on its own: wait for both spans read below
         spans = spans_for_request(load_spans(Path(no_encoders.settings.trace_dir)), r.json()["id"])
-        if any(s["name"] == "encode" for s in spans):
+        if {"encode", "route"} <= {s["name"] for s in spans}:
             break
         await asyncio.sleep(0.2)
     assert {s["service"] for s in spans if s["name"] == "encode"} == {"epd-prefill"}

@@ -11,6 +11,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -51,25 +52,30 @@ class Up:
         return found
 
 
+@contextmanager
+def epd_up(model: Path, workdir: Path, topology: str, *flags: str, **env: str) -> Iterator[str]:
+    """The real CLI, `epd up --topology TOPOLOGY FLAGS...`, until the block ends; yields its base URL."""
+    port = free_port()
+    argv = [sys.executable, "-m", "epd.ops.cli", "up", "--topology", topology, "--model", str(model)]
+    argv += ["--port", str(port), "--workdir", str(workdir), *flags]
+    log = workdir / "up.log"
+    proc = spawn(argv, log, env={**os.environ, "EPD_MOONCAKE_SEGMENT_MB": "32", **env})
+    try:
+        try:
+            wait_until(lambda: "serving" in log.read_text(), 240, f"epd up {topology} {' '.join(flags)}", proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}: {log.read_text()[-2000:]}") from None
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop([proc])
+
+
 @pytest.fixture(scope="module")
 def up(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     workdir = tmp_path_factory.mktemp("scaled")
-    port = free_port()
-    argv = [sys.executable, "-m", "epd.ops.cli", "up", "--topology", "e-p-d", "--model", str(tiny_model)]
-    argv += ["--port", str(port), "--workdir", str(workdir), "--encoders", "2", "--prefills", "2", "--decoders", "2"]
-    env = {**os.environ, "EPD_ENCODE_WAIT_S": "8", "EPD_MOONCAKE_SEGMENT_MB": "32"}
-    proc = spawn(argv, workdir / "up.log", env=env)
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            raise RuntimeError(f"epd up exited: {(workdir / 'up.log').read_text()[-2000:]}")
-        return "serving" in (workdir / "up.log").read_text()
-
-    try:
-        wait_until(ready, 240, "epd up with two of each worker", proc)
-        yield Up(f"http://127.0.0.1:{port}", workdir, tiny_model)
-    finally:
-        stop([proc])
+    flags = ("--encoders", "2", "--prefills", "2", "--decoders", "2")
+    with epd_up(tiny_model, workdir, "e-p-d", *flags, EPD_ENCODE_WAIT_S="8") as base_url:
+        yield Up(base_url, workdir, tiny_model)
 
 
 async def test_every_worker_of_every_pool_is_live(up: Up) -> None:
@@ -115,25 +121,18 @@ async def test_prefill_spreads_requests_over_both_decoders(up: Up) -> None:
 async def test_epd_up_scales_the_other_topologies(
     topology: str, counts: dict[str, int], tiny_model: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
-    argv = [sys.executable, "-m", "epd.ops.cli", "up", "--topology", topology, "--model", str(tiny_model)]
-    argv += ["--port", str(port), "--workdir", str(tmp_path), "--encoders", "2", "--prefills", "2"]
-    proc = spawn(argv, tmp_path / "up.log", env={**os.environ, "EPD_MOONCAKE_SEGMENT_MB": "32"})
-    try:
-        wait_until(lambda: "serving" in (tmp_path / "up.log").read_text(), 240, f"epd up {topology}", proc)
+    with epd_up(tiny_model, tmp_path, topology, "--encoders", "2", "--prefills", "2") as base_url:
         nats_url = json.loads((tmp_path / "endpoints.json").read_text())["nats_url"]
         workers, _ = await gather_status(nats_url)
         assert {role: sum(w.role == role for w in workers) for role in counts} == counts
         body = {**chat_body("Keep talking."), "max_tokens": 20, "ignore_eos": True}
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=120) as client:
+        async with httpx.AsyncClient(base_url=base_url, timeout=120) as client:
             answers = await asyncio.gather(*(client.post("/v1/chat/completions", json=body) for _ in range(8)))
         assert [a.status_code for a in answers] == [200] * 8
         await asyncio.sleep(1.2)  # a heartbeat with the final counts
         workers, _ = await gather_status(nats_url)
         served = [w.served for w in workers if w.role in ("pd", "epd")]
         assert len(served) == 2 and min(served) > 0, served  # both took requests
-    finally:
-        stop([proc])
 
 
 async def test_text_is_served_while_image_requests_hold_every_prefill_slot(up: Up) -> None:
