@@ -60,7 +60,9 @@ class Settings:
     encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
     max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
     pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
-    kv_cache_tokens: int = field(default_factory=lambda: int(_env("EPD_KV_CACHE_TOKENS", "131072")))
+    kv_cache_mb: float = field(default_factory=lambda: float(_env("EPD_KV_CACHE_MB", "512")))
+    max_seqs: int = field(default_factory=lambda: int(_env("EPD_MAX_SEQS", "64")))
+    max_batch: int = field(default_factory=lambda: int(_env("EPD_MAX_BATCH", "8")))
     max_tokens_limit: int = field(default_factory=lambda: int(_env("EPD_MAX_TOKENS", "4096")))
     nats_creds: str = field(default_factory=lambda: _env("EPD_NATS_CREDS", ""))
     nats_user: str = field(default_factory=lambda: _env("EPD_NATS_USER", ""))
@@ -94,7 +96,9 @@ class Settings:
             "max_image_pixels",
             "max_image_mb",
             "max_tokens_limit",
-            "kv_cache_tokens",
+            "kv_cache_mb",
+            "max_seqs",
+            "max_batch",
             "image_url_timeout_s",
         ):
             if getattr(self, name) <= 0:
@@ -167,7 +171,9 @@ class Settings:
             "EPD_IMAGE_URL_HOSTS": self.image_url_hosts,
             "EPD_IMAGE_URL_TIMEOUT_S": str(self.image_url_timeout_s),
             "EPD_MAX_TOKENS": str(self.max_tokens_limit),
-            "EPD_KV_CACHE_TOKENS": str(self.kv_cache_tokens),
+            "EPD_KV_CACHE_MB": str(self.kv_cache_mb),
+            "EPD_MAX_SEQS": str(self.max_seqs),
+            "EPD_MAX_BATCH": str(self.max_batch),
             "EPD_MAX_INFLIGHT": str(self.max_inflight),
             "EPD_ENCODE_WAIT_S": str(self.encode_wait_s),
             "EPD_INLINE_ENCODE": "fallback" if self.inline_encode else "off",

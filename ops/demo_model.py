@@ -39,6 +39,8 @@ class Recipe:
     seed: int = 0
     threads: int = 1
     max_pixels: int = MAX_PIXELS
+    vision_steps: int = 600  # first, the vision tower alone learns color and shape through a pooled head
+    vision_lr: float = 1e-3
 
 
 def _prompt(tokenizer: Any, question: str, image_tokens: int) -> list[int]:
@@ -98,6 +100,46 @@ def _accuracy(model: Any, batches: dict[str, dict[str, Any]]) -> dict[str, float
     return out
 
 
+def _pretrain_vision(model: Any, r: Recipe, rng: random.Random, processor: Any, log: bool) -> None:
+    """Teach the vision tower color and shape directly: a linear head on its mean output token.
+
+    Through the language model alone, the gradient that reaches the tower is too weak for
+    shape to emerge in the steps the budget allows; with this head it does, and the
+    language model then only has to learn to read what the tower already encodes.
+    """
+    import torch
+
+    visual = model.model.visual
+    head = torch.nn.Linear(model.config.text_config.hidden_size, len(shapes.COLORS) + len(shapes.SHAPES))
+    opt = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=r.vision_lr, weight_decay=0.01)
+    colors, kinds = list(shapes.COLORS), list(shapes.SHAPES)
+    started = time.perf_counter()
+    for step in range(r.vision_steps):
+        pictures = [shapes.draw(rng) for _ in range(r.batch)]
+        pix = processor(images=[p.image for p in pictures], return_tensors="pt")
+        grid = pix["image_grid_thw"]
+        tokens = visual(pix["pixel_values"], grid_thw=grid).pooler_output
+        sizes = (grid.prod(-1) // 4).tolist()
+        pooled = torch.stack([t.mean(0) for t in torch.split(tokens, sizes)])
+        logits = head(pooled)
+        color = torch.tensor([colors.index(p.color) for p in pictures])
+        kind = torch.tensor([kinds.index(p.shape) for p in pictures])
+        loss = torch.nn.functional.cross_entropy(logits[:, : len(colors)], color) + torch.nn.functional.cross_entropy(
+            logits[:, len(colors) :], kind
+        )
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
+        opt.step()
+        if log and (step % 50 == 0 or step == r.vision_steps - 1):
+            right = (logits[:, len(colors) :].argmax(-1) == kind).float().mean().item()
+            print(
+                f"vision {step:5d}  loss {loss.item():.4f}  shape right in batch {right:.2f}  "
+                f"{time.perf_counter() - started:6.0f} s",
+                flush=True,
+            )
+
+
 def train(out: str | Path, recipe: Recipe | None = None, log: bool = True) -> Path:
     """Train from scratch and write the checkpoint to `out`."""
     import torch
@@ -117,12 +159,15 @@ def train(out: str | Path, recipe: Recipe | None = None, log: bool = True) -> Pa
     assert image_token_id == SPECIAL_TOKENS.index("<|image_pad|>")
 
     model.train()
+    rng = random.Random(r.seed)
+    _pretrain_vision(model, r, rng, processor, log)
     opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
     warmup = max(1, r.steps // 20)
+    total = max(1, r.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.02, 1 - s / r.steps)  # warm up, then linear decay
+        opt,
+        lambda s: min(1.0, (s + 1) / warmup) * max(0.02, 1 - s / total),  # warm up, then linear decay
     )
-    rng = random.Random(r.seed)
     held_out = {
         kind: _batch(random.Random(r.seed + 1 + i), 64, tokenizer, processor, image_token_id, [question])
         for i, (kind, question) in enumerate([("color", QUESTIONS[0]), ("shape", shapes.SHAPE_QUESTIONS[0])])

@@ -38,6 +38,7 @@ def stream_of(subject: str) -> str:
                 return name
     raise ValueError(f"no stream stores {subject!r}")
 
+
 # headers
 REPLY_HEADER = "Epd-Reply-To"  # so that even an undecodable message can be answered
 REQUEST_ID_HEADER = "Epd-Request-Id"

@@ -9,6 +9,7 @@ from epd.schemas.common import ImagePart, Message, SamplingParams, TextPart
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint, CheckpointError
 from epd.workers.engine.detokenizer import Detokenizer
+from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
 from PIL import Image
@@ -37,9 +38,13 @@ def run_greedy(ckpt, family, question: str, image: bytes | None, max_new: int) -
     )
     out = family.prefill(ids, encoded)
     tokens = [int(torch.argmax(out.logits))]
-    state = family.start_decode(out.kv.clone(), out.rope_delta)  # as if shipped to another process
+    cache = PagedKVCache(family.kv_layout(), 1 << 20)
+    blocks = cache.reserve(len(ids) + max_new)
+    cache.write(blocks, out.kv.clone())  # as if shipped to another process
     while len(tokens) < max_new and tokens[-1] not in ckpt.eos_token_ids():
-        tokens.append(int(torch.argmax(family.decode(state, tokens[-1]))))
+        length = len(ids) + len(tokens) - 1
+        logits = family.decode_step([tokens[-1]], [length + out.rope_delta], cache.step_view([blocks], [length]))
+        tokens.append(int(torch.argmax(logits[0])))
     return tokens
 
 

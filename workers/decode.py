@@ -1,15 +1,16 @@
 """Decode: generate tokens from a prefilled KV cache and stream them to the client.
 
-`generate_tokens` is the core shared by the decode stage (KV arrives from a prefill
-worker) and the pd / epd roles (KV never leaves the process).
+`Decoder.generate` is the core shared by the decode stage (KV arrives from a prefill
+worker) and the pd / epd roles (KV never leaves the process); every generation of a
+process runs in its one continuous batch (`decode_batch.py`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 
+import torch
 from epd.connectors.kv import KVConnector
 from epd.ops import metrics
 from epd.ops.tracing import tracer
@@ -17,10 +18,11 @@ from epd.schemas import subjects
 from epd.schemas.common import FinishReason, SamplingParams, Usage
 from epd.schemas.decode import KVReady
 from epd.schemas.reply import TokenChunk
+from epd.workers.decode_batch import DecodeBatch
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
-from epd.workers.engine.family import DecodeState, Family
-from epd.workers.engine.sampling import sample
+from epd.workers.engine.family import Family
+from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.stops import StopStrings
 from epd.workers.runtime import Runtime
 
@@ -37,16 +39,6 @@ class Generation:
     detok: Detokenizer
     output: StopStrings
     seq: int = 1  # chunk 0 was the first token
-
-
-def finish_reason(
-    token: int, gen_tokens: int, total_tokens: int, params: SamplingParams, eos: set[int], max_len: int
-) -> FinishReason | None:
-    if (token in eos and not params.ignore_eos) or token in params.stop_token_ids:
-        return FinishReason.STOP
-    if gen_tokens >= params.max_tokens or total_tokens >= max_len:
-        return FinishReason.LENGTH
-    return None
 
 
 def chunk(gen: Generation, seq: int, token: int | None, reason: FinishReason | None) -> TokenChunk:
@@ -67,44 +59,33 @@ def chunk(gen: Generation, seq: int, token: int | None, reason: FinishReason | N
 
 
 class Decoder:
-    """Runs generations on one family; replies go through the runtime."""
+    """Runs generations on one family in one continuous batch; replies go through the runtime."""
 
     def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family) -> None:
         self.rt, self.family = rt, family
-        self.eos = ckpt.eos_token_ids()
-        self.max_len = ckpt.max_model_len()
-        rt.load.kv_capacity = rt.settings.kv_cache_tokens
+        cache = PagedKVCache(family.kv_layout(), int(rt.settings.kv_cache_mb * 2**20))
+        self.batch = DecodeBatch(
+            family, cache, rt.settings.max_seqs, ckpt.eos_token_ids(), ckpt.max_model_len(), rt.cancelled, rt.load
+        )
 
-    async def generate(self, gen: Generation, state: DecodeState) -> None:
-        load = self.rt.load
-        held = gen.prompt_tokens + len(gen.tokens)  # tokens whose KV this generation holds
-        load.kv_tokens += held
-        metrics.ACTIVE_SEQUENCES.labels("decode").inc()
-        metrics.KV_TOKENS.labels("decode").set(load.kv_tokens)
-        started, steps = time.perf_counter(), 0
+    async def generate(self, gen: Generation, kv: torch.Tensor, rope_delta: int) -> None:
+        """Decode after prefill's first token (in `gen`) from the prompt's KV, until a finish."""
+        started = time.perf_counter()
         with tracer().start_as_current_span(
             "decode", attributes={"epd.request_id": gen.request_id, "gen_ai.usage.input_tokens": gen.prompt_tokens}
         ) as span:
+            seq = await self.batch.admit(gen.request_id, kv, rope_delta, gen.tokens[-1], gen.sampling)
+            span.set_attribute("epd.admit_ms", round((time.perf_counter() - started) * 1e3, 3))
+            started, steps = time.perf_counter(), 0
             try:
                 while True:
-                    if gen.request_id in self.rt.cancelled:
-                        await self.rt.reply(gen.reply_to, chunk(gen, gen.seq, None, FinishReason.ABORT))
-                        span.set_attribute("gen_ai.response.finish_reasons", ("abort",))
-                        break
-                    metrics.BATCH_SIZE.labels("decode").observe(1)
-                    logits = await asyncio.to_thread(self.family.decode, state, gen.tokens[-1])
-                    token = sample(logits, gen.sampling, state.position)
-                    gen.tokens.append(token)
-                    steps += 1
-                    load.kv_tokens += 1
-                    reason = finish_reason(
-                        token,
-                        len(gen.tokens),
-                        gen.prompt_tokens + len(gen.tokens),
-                        gen.sampling,
-                        self.eos,
-                        self.max_len,
-                    )
+                    item = (None, FinishReason.ABORT) if seq is None else await seq.out.get()
+                    if isinstance(item, BaseException):
+                        raise item
+                    token, reason = item
+                    if token is not None:
+                        gen.tokens.append(token)
+                        steps += 1
                     reply = chunk(gen, gen.seq, token, reason)
                     await self.rt.reply(gen.reply_to, reply)
                     gen.seq += 1
@@ -112,9 +93,8 @@ class Decoder:
                         span.set_attribute("gen_ai.response.finish_reasons", (reply.finish_reason.name.lower(),))
                         break
             finally:
-                load.kv_tokens -= held + steps
-                metrics.ACTIVE_SEQUENCES.labels("decode").dec()
-                metrics.KV_TOKENS.labels("decode").set(load.kv_tokens)
+                if seq is not None:
+                    self.batch.leave(seq)
             span.set_attribute("gen_ai.usage.output_tokens", len(gen.tokens))
             if steps:
                 span.set_attribute("epd.tpot_ms", round((time.perf_counter() - started) * 1e3 / steps, 3))
@@ -125,8 +105,9 @@ class DecodeStage:
     subject = subjects.DECODE
     message_type = KVReady
 
-    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family, kv: KVConnector, capacity: int = 1) -> None:
-        self.rt, self.ckpt, self.family, self.kv, self.capacity = rt, ckpt, family, kv, capacity
+    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family, kv: KVConnector) -> None:
+        self.rt, self.ckpt, self.family, self.kv = rt, ckpt, family, kv
+        self.capacity = rt.settings.max_seqs  # admission (free slots and KV) decides who runs
         self.decoder = Decoder(rt, ckpt, family)
 
     async def handle(self, job: KVReady) -> None:
@@ -134,7 +115,6 @@ class DecodeStage:
             kv = await self.kv.recv(job.kv)
         metrics.CONNECTOR_BYTES.labels("kv", "load").inc(job.kv.nbytes)
         await self.kv.release(job.kv)
-        state = self.family.start_decode(kv, job.rope_delta)
         gen = Generation(
             request_id=job.request_id,
             reply_to=job.reply_to,
@@ -147,4 +127,4 @@ class DecodeStage:
         # the same text state the prefill worker had after the first token (its chunk is already sent)
         shown = [] if job.first_token in job.sampling.stop_token_ids else [job.first_token]
         gen.output.add(gen.detok.push(shown), final=False)
-        await self.decoder.generate(gen, state)
+        await self.decoder.generate(gen, kv, job.rope_delta)

@@ -64,9 +64,7 @@ class DecoderPicker:
     def pick(self, tokens: int) -> str | None:
         if not self.decoders:
             return None
-        best = max(
-            self.decoders, key=lambda w: (self.free_tokens(w), -w.active, -self._chosen.get(w.worker_id, -1))
-        )
+        best = max(self.decoders, key=lambda w: (self.free_tokens(w), -w.active, -self._chosen.get(w.worker_id, -1)))
         self._sent[best.worker_id].append((time.time(), tokens))
         self._tick += 1
         self._chosen[best.worker_id] = self._tick
@@ -89,7 +87,7 @@ async def rescue_orphans(rt: Runtime) -> int:
         )
         try:
             msgs = await sub.fetch(64, timeout=0.5)
-        except nats.errors.TimeoutError:  # what it had taken comes back after ack_wait
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):  # what it had taken comes back after ack_wait
             msgs = []
         for msg in msgs:
             headers = dict(msg.headers or {})

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from epd.connectors.ec import ECConnector
 from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding
 from epd.schemas.encode import EmbeddingReady, EncodeJob
-from epd.workers.engine.family import Family, ImageRejected
+from epd.workers.engine.family import Encoded, Family, ImageRejected
 from epd.workers.images import BadImage, open_image
 from epd.workers.loop import RequestFailed
+from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
+from PIL import Image
+
+ImageBatcher = MicroBatcher[list[Image.Image], list[Encoded]]
 
 
-async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list[ImageEmbedding]:
-    """Encode `job.missing` in one forward, save each; returns refs for every image of the request."""
+def image_batcher(family: Family, max_batch: int) -> ImageBatcher:
+    """Several requests' images through the vision tower in one forward (packed, any sizes)."""
+
+    def run(requests: list[list[Image.Image]]) -> list[list[Encoded]]:
+        encoded = family.encode([image for images in requests for image in images])
+        parts, at = [], 0
+        for images in requests:
+            parts.append(encoded[at : at + len(images)])
+            at += len(images)
+        return parts
+
+    return MicroBatcher(run, max_batch, "encode")
+
+
+async def encode_images(encoder: ImageBatcher, ec: ECConnector, job: EncodeJob) -> list[ImageEmbedding]:
+    """Encode `job.missing` (batched with other requests' images), save each; refs for every image of the request."""
     images = job.request.images()
     refs = [ImageEmbedding(key=k) for k in job.keys]
     # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent.
@@ -31,10 +47,10 @@ async def encode_images(family: Family, ec: ECConnector, job: EncodeJob) -> list
         return refs
     with tracer().start_as_current_span(
         "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
-    ):
-        metrics.BATCH_SIZE.labels("encode").observe(len(pictures))
+    ) as span:
         try:
-            encoded = await asyncio.to_thread(family.encode, pictures)
+            encoded, batch = await encoder.submit(pictures)
+            span.set_attribute("epd.batch", batch)
         except ImageRejected as e:
             raise RequestFailed(400, f"the images could not be processed: {e}") from None
     for i, enc in zip(missing, encoded, strict=True):
@@ -53,11 +69,13 @@ class EncodeStage:
     subject = subjects.ENCODE
     message_type = EncodeJob
 
-    def __init__(self, rt: Runtime, family: Family, ec: ECConnector, capacity: int = 1) -> None:
-        self.rt, self.family, self.ec, self.capacity = rt, family, ec, capacity
+    def __init__(self, rt: Runtime, family: Family, ec: ECConnector) -> None:
+        self.rt, self.family, self.ec = rt, family, ec
+        self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
+        self.encoder = image_batcher(family, rt.settings.max_batch)
 
     async def handle(self, job: EncodeJob) -> None:
-        refs = await encode_images(self.family, self.ec, job)
+        refs = await encode_images(self.encoder, self.ec, job)
         if not job.handoff:  # the request's lead part hands over; prefill waits for this part in the cache
             return
         req = job.request

@@ -105,7 +105,7 @@ class StageLoop:
                 continue
             try:
                 msgs = await sub.fetch(free, timeout=1.0)
-            except nats.errors.TimeoutError:
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # a fetch of several raises the latter
                 continue
             for msg in msgs:
                 task = asyncio.create_task(self._process(msg))

@@ -13,7 +13,7 @@ from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.heartbeat import Heartbeat
 from epd.workers.loop import StageLoop
-from epd.workers.roles import build_role
+from epd.workers.roles import build_role, weights_for
 from epd.workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 async def run_worker(role: str, settings: Settings) -> None:
     provider = setup_tracing(f"epd-{role}", settings)
     ckpt = Checkpoint.open(settings.model)
-    family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype)
+    parts = weights_for(role, settings)
+    family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype, parts)
     rt = await Runtime.start(settings, name=f"epd-{role}")
     parts = build_role(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in parts.stages]

@@ -15,9 +15,10 @@ from epd.schemas.decode import KVReady
 from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
-from epd.workers.decode import Decoder, Generation, chunk, finish_reason
+from epd.workers.decode import Decoder, Generation, chunk
+from epd.workers.decode_batch import finish_reason
 from epd.workers.decoder_choice import DecoderPicker
-from epd.workers.encode import encode_images
+from epd.workers.encode import encode_images, image_batcher
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import Encoded, Family, Prefilled
@@ -25,7 +26,10 @@ from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
 from epd.workers.engine.stops import StopStrings
 from epd.workers.loop import RequestFailed
+from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
+
+PREFILL_BATCH_TOKENS = 16384
 
 # After prefill: (generation, prefill output) -> decoding continues somewhere.
 Handoff = Callable[[Generation, Prefilled], Awaitable[None]]
@@ -44,12 +48,21 @@ class PrefillStage:
         ec: ECConnector,
         handoff: Handoff,
         inline_encode: bool = False,
-        capacity: int = 1,
     ) -> None:
         self.rt, self.ckpt, self.family, self.ec = rt, ckpt, family, ec
-        self.handoff, self.inline_encode, self.capacity = handoff, inline_encode, capacity
+        self.handoff, self.inline_encode = handoff, inline_encode
+        self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
         self.eos = ckpt.eos_token_ids()
         self.max_len = ckpt.max_model_len()
+        self.encoder = image_batcher(family, rt.settings.max_batch)  # inline encoding
+        # padded tokens in one forward at most: a long prompt is not batched with short ones
+        self.batcher = MicroBatcher(
+            family.prefill_batch,
+            rt.settings.max_batch,
+            "prefill",
+            cost=lambda prompts: len(prompts) * max(len(ids) for ids, _ in prompts),
+            max_cost=PREFILL_BATCH_TOKENS,
+        )
 
     async def handle(self, job: PrefillJob | EmbeddingReady) -> None:
         req = job.request
@@ -83,9 +96,9 @@ class PrefillStage:
                 "gen_ai.usage.input_tokens": len(ids),
                 "epd.images": len(images),
             },
-        ):
-            metrics.BATCH_SIZE.labels("prefill").observe(1)
-            out = await asyncio.to_thread(self.family.prefill, ids, images)
+        ) as span:
+            out, batch = await self.batcher.submit((ids, images))
+            span.set_attribute("epd.batch", batch)
         first = sample(out.logits, req.sampling, len(ids))
         gen = Generation(
             req.request_id,
@@ -129,7 +142,7 @@ class PrefillStage:
         encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)  # no more waiting
         fallback = self.rt.settings.inline_encode and (getattr(job, "encode_inline", False) or job.pending)
         if self.inline_encode or fallback:  # (the pending encode elsewhere timed out, or no encoder is alive)
-            refs = await encode_images(self.family, self.ec, encode_job)
+            refs = await encode_images(self.encoder, self.ec, encode_job)
             return await self._embeddings(PrefillJob(request=job.request, images=refs))
         if isinstance(job, EmbeddingReady):  # just encoded and already gone: do not loop
             raise RequestFailed(503, f"embeddings of images {missing} vanished from the encoder cache", "server_error")
@@ -185,10 +198,10 @@ def remote_decode(rt: Runtime, kv: KVConnector, picker: DecoderPicker) -> Handof
     return handoff
 
 
-def local_decode(decoder: Decoder, family: Family) -> Handoff:
+def local_decode(decoder: Decoder) -> Handoff:
     """pd / epd: decode in this process, the KV stays where it is."""
 
     async def handoff(gen: Generation, out: Prefilled) -> None:
-        await decoder.generate(gen, family.start_decode(out.kv, out.rope_delta))
+        await decoder.generate(gen, out.kv, out.rope_delta)
 
     return handoff

@@ -1,8 +1,13 @@
 """The engine's three operations, one adapter per model family.
 
-`encode(images) -> embeddings`, `prefill(ids, embeddings) -> KV, logits`,
-`decode(state, token) -> logits`. The project owns the KV between calls (one
-tensor per request, movable between processes); transformers owns the layers.
+`encode(images) -> embeddings`, `prefill_batch([(ids, embeddings)]) -> [KV, logits]`,
+`decode_step(tokens, positions, view) -> logits`. The project owns the KV cache and
+the batching (`kv_cache.py`, `workers/batching.py`); transformers owns the layers.
+
+The language-model half is the same for every Qwen-VL family: their text models take
+the same inputs (embeddings with image features in place of the image tokens, M-RoPE
+positions, a 4-D mask, a cache object that answers `update`). So `Family` runs it, and
+an adapter adds what differs: the vision tower, and the prompt's 3-D positions.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from epd.workers.engine.kv_cache import KVLayout, PrefillView, StepView
 from PIL import Image
 
 
@@ -29,34 +35,99 @@ class Encoded:
 class Prefilled:
     kv: torch.Tensor  # (layers, 2, kv_heads, prompt_tokens, head_dim)
     logits: torch.Tensor  # (vocab,) at the last prompt position
-    rope_delta: int
-
-
-@dataclass
-class DecodeState:
-    """A request's decode-side state: its KV cache and the next text position."""
-
-    cache: Any
-    position: int
-    rope_delta: int
+    rope_delta: int  # decode position p has M-RoPE position p + rope_delta
 
 
 class Family(ABC):
+    model: Any  # a transformers *ForConditionalGeneration; `None` parts are not loaded
     image_token_id: int
+    device: torch.device
+    dtype: torch.dtype
 
     @abstractmethod
     def image_tokens(self, grid_thw: list[int]) -> int:
         """How many placeholder tokens an image of this grid occupies in the prompt."""
 
     @abstractmethod
-    def encode(self, images: list[Image.Image]) -> list[Encoded]: ...
+    def encode(self, images: list[Image.Image]) -> list[Encoded]:
+        """Every image through the vision tower in one forward, packed as the tower expects."""
 
     @abstractmethod
-    def prefill(self, ids: list[int], images: list[Encoded]) -> Prefilled: ...
+    def positions(self, ids: torch.Tensor, images: list[Encoded]) -> tuple[torch.Tensor, int]:
+        """A prompt's (3, tokens) M-RoPE positions and its rope delta."""
 
-    @abstractmethod
-    def start_decode(self, kv: torch.Tensor, rope_delta: int) -> DecodeState: ...
+    @property
+    def text(self) -> Any:
+        return self.model.model.language_model
 
-    @abstractmethod
-    def decode(self, state: DecodeState, token: int) -> torch.Tensor:
-        """Feed one token, return (vocab,) logits for the next; advances `state`."""
+    def kv_layout(self) -> KVLayout:
+        cfg = self.text.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return KVLayout(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim, self.dtype, self.device)
+
+    def prefill(self, ids: list[int], images: list[Encoded]) -> Prefilled:
+        return self.prefill_batch([(ids, images)])[0]
+
+    @torch.inference_mode()
+    def prefill_batch(self, prompts: list[tuple[list[int], list[Encoded]]]) -> list[Prefilled]:
+        """Several prompts in one forward: padded on the right, each row attending to its own tokens."""
+        lengths = [len(ids) for ids, _ in prompts]
+        width, batch = max(lengths), len(prompts)
+        hidden = self.text.config.hidden_size
+        embeds = torch.zeros(batch, width, hidden, dtype=self.dtype, device=self.device)
+        positions = torch.zeros(3, batch, width, dtype=torch.long, device=self.device)
+        deltas = []
+        for row, (ids, images) in enumerate(prompts):
+            input_ids = torch.tensor(ids, device=self.device)
+            embeds[row, : len(ids)] = self._embed(input_ids, images)
+            pos, delta = self.positions(input_ids, images)
+            positions[:, row, : len(ids)] = pos
+            deltas.append(delta)
+        length = torch.tensor(lengths, device=self.device)
+        keys = torch.arange(width, device=self.device)
+        mask = (keys[None, :] <= keys[:, None])[None] & (keys < length[:, None])[:, None, :]  # causal, own row
+        view = PrefillView()
+        out = self.text(
+            inputs_embeds=embeds,
+            attention_mask={"full_attention": self._mask(mask[:, None])},
+            position_ids=positions,
+            past_key_values=view,
+            use_cache=True,
+        )
+        last = out.last_hidden_state[torch.arange(batch, device=self.device), length - 1]
+        logits = self.model.lm_head(last).float()
+        return [Prefilled(view.row(i, n), logits[i], d) for i, (n, d) in enumerate(zip(lengths, deltas, strict=True))]
+
+    @torch.inference_mode()
+    def decode_step(self, tokens: list[int], positions: list[int], view: StepView) -> torch.Tensor:
+        """One token for each sequence of the batch (`positions`: M-RoPE ones); (batch, vocab) logits."""
+        ids = torch.tensor(tokens, device=self.device).view(-1, 1)
+        pos = torch.tensor(positions, device=self.device).view(1, -1, 1).expand(3, -1, 1)
+        out = self.text(
+            inputs_embeds=self.text.embed_tokens(ids),
+            attention_mask={"full_attention": self._mask(view.mask)},
+            position_ids=pos,
+            past_key_values=view,
+            use_cache=True,
+        )
+        return self.model.lm_head(out.last_hidden_state[:, -1]).float()
+
+    def _mask(self, keep: torch.Tensor) -> torch.Tensor:
+        """A boolean mask as the text model's attention takes it: as is (sdpa), or additive (eager)."""
+        if self.text.config._attn_implementation == "sdpa":
+            return keep
+        return torch.zeros(keep.shape, dtype=self.dtype, device=self.device).masked_fill(
+            ~keep, torch.finfo(self.dtype).min
+        )
+
+    def _embed(self, ids: torch.Tensor, images: list[Encoded]) -> torch.Tensor:
+        """Token embeddings with the images' features in place of their placeholder tokens."""
+        embeds = self.text.embed_tokens(ids)
+        if images:
+            slots = ids == self.image_token_id
+            features = torch.cat([im.embedding.to(self.device, self.dtype) for im in images])
+            if int(slots.sum()) != features.shape[0]:
+                raise ValueError(f"the prompt has {int(slots.sum())} image tokens for {features.shape[0]} features")
+            embeds = embeds.clone()
+            embeds[slots] = features
+        return embeds
