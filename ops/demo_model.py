@@ -39,7 +39,7 @@ class Recipe:
     seed: int = 0
     threads: int = 1
     max_pixels: int = MAX_PIXELS
-    vision_steps: int = 600  # first, the vision tower alone learns color and shape through a pooled head
+    vision_steps: int = 2500  # first, the vision tower alone learns color and shape through a pooled head
     vision_lr: float = 1e-3
 
 
@@ -112,6 +112,8 @@ def _pretrain_vision(model: Any, r: Recipe, rng: random.Random, processor: Any, 
     visual = model.model.visual
     head = torch.nn.Linear(model.config.text_config.hidden_size, len(shapes.COLORS) + len(shapes.SHAPES))
     opt = torch.optim.AdamW([*visual.parameters(), *head.parameters()], lr=r.vision_lr, weight_decay=0.01)
+    total = max(1, r.vision_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.05, 1 - s / total))
     colors, kinds = list(shapes.COLORS), list(shapes.SHAPES)
     started = time.perf_counter()
     for step in range(r.vision_steps):
@@ -131,6 +133,7 @@ def _pretrain_vision(model: Any, r: Recipe, rng: random.Random, processor: Any, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
         opt.step()
+        sched.step()
         if log and (step % 50 == 0 or step == r.vision_steps - 1):
             right = (logits[:, len(colors) :].argmax(-1) == kind).float().mean().item()
             print(
@@ -161,7 +164,8 @@ def train(out: str | Path, recipe: Recipe | None = None, log: bool = True) -> Pa
     model.train()
     rng = random.Random(r.seed)
     _pretrain_vision(model, r, rng, processor, log)
-    opt = torch.optim.AdamW(model.parameters(), lr=r.lr, weight_decay=0.01)
+    model.model.visual.requires_grad_(False)  # then the language model learns to read it, the tower stays
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=r.lr, weight_decay=0.01)
     warmup = max(1, r.steps // 20)
     total = max(1, r.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(

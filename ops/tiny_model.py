@@ -116,6 +116,47 @@ def qwen2_vl_config(vocab: int, hidden: int, layers: int, vision_width: int | No
     )
 
 
+def qwen2_5_vl_config(vocab: int, hidden: int, layers: int, vision_width: int | None = None) -> Any:
+    """Qwen2.5-VL at the same small size: the same text model; a vision tower with windowed attention
+    (windows of 2x2 merged tokens, the last block attending to the whole image) and a SwiGLU MLP."""
+    from transformers import Qwen2_5_VLConfig
+
+    base = qwen2_vl_config(vocab, hidden, layers, vision_width).to_dict()
+    width = vision_width or hidden // 2
+    return Qwen2_5_VLConfig(
+        text_config={k: base["text_config"][k] for k in (*_TEXT_KEYS, "rope_parameters")},
+        vision_config={
+            "depth": layers,
+            "hidden_size": width,
+            "intermediate_size": 2 * width,
+            "num_heads": 2,
+            "out_hidden_size": hidden,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 56,
+            "fullatt_block_indexes": [layers - 1],
+        },
+        **{k: base[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")},
+        tie_word_embeddings=False,
+    )
+
+
+_TEXT_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "max_position_embeddings",
+    "tie_word_embeddings",
+    "bos_token_id",
+    "eos_token_id",
+)
+CONFIGS = {"qwen2_vl": qwen2_vl_config, "qwen2_5_vl": qwen2_5_vl_config}
+
+
 def save_checkpoint(model: Any, out: Path, min_pixels: int, max_pixels: int) -> Path:
     """Weights, generation config, image processor and chat template, beside the tokenizer already in `out`."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
@@ -129,19 +170,21 @@ def save_checkpoint(model: Any, out: Path, min_pixels: int, max_pixels: int) -> 
     return out
 
 
-def build_tiny_qwen2_vl(out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
-    """Write a random-weight Qwen2-VL checkpoint to `out`: a few MB at the default size.
+def build_tiny_qwen2_vl(
+    out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, family: str = "qwen2_vl"
+) -> Path:
+    """Write a random-weight checkpoint of `family` (qwen2_vl, qwen2_5_vl) to `out`: a few MB at the default size.
 
     `hidden` and `layers` make a bigger one (benchmarks): `hidden` must be a multiple of 16.
     """
     import torch
-    from transformers import Qwen2VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = qwen2_vl_config(build_tokenizer(out), hidden, layers)
+    config = CONFIGS[family](build_tokenizer(out), hidden, layers)
     torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
+    model = AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():  # larger weights than the init's: logits far apart, so argmax is stable
         for p in model.parameters():
             if p.ndim >= 2:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from epd.connectors.ec import ECConnector
 from epd.ops import metrics
 from epd.ops.tracing import tracer
@@ -15,53 +17,78 @@ from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
 from PIL import Image
 
-ImageBatcher = MicroBatcher[list[Image.Image], list[Encoded]]
 
+class ImageEncoder:
+    """A process's image encoding: several requests' images in one forward (packed, any sizes),
+    and each image key encoded once at a time: a request whose image this process is already
+    encoding for another request waits for that encode instead of repeating it."""
 
-def image_batcher(family: Family, max_batch: int) -> ImageBatcher:
-    """Several requests' images through the vision tower in one forward (packed, any sizes)."""
+    def __init__(self, family: Family, ec: ECConnector, max_batch: int) -> None:
+        self.ec = ec
+        self.batcher = MicroBatcher(self._run, max_batch, "encode")
+        self._family = family
+        self._inflight: dict[str, asyncio.Future] = {}  # key -> its ImageEmbedding, or None if that encode failed
 
-    def run(requests: list[list[Image.Image]]) -> list[list[Encoded]]:
-        encoded = family.encode([image for images in requests for image in images])
+    def _run(self, requests: list[list[Image.Image]]) -> list[list[Encoded]]:
+        encoded = self._family.encode([image for images in requests for image in images])
         parts, at = [], 0
         for images in requests:
             parts.append(encoded[at : at + len(images)])
             at += len(images)
         return parts
 
-    return MicroBatcher(run, max_batch, "encode")
-
-
-async def encode_images(encoder: ImageBatcher, ec: ECConnector, job: EncodeJob) -> list[ImageEmbedding]:
-    """Encode `job.missing` (batched with other requests' images), save each; refs for every image of the request."""
-    images = job.request.images()
-    refs = [ImageEmbedding(key=k) for k in job.keys]
-    # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent.
-    present = await ec.exists([job.keys[i] for i in job.missing])
-    missing = [i for i, there in zip(job.missing, present, strict=True) if not there]
-    try:
-        pictures = [open_image(images[i].data, i) for i in missing]
-    except BadImage as e:
-        raise RequestFailed(400, str(e)) from None
-    if not pictures:
-        return refs
-    with tracer().start_as_current_span(
-        "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
-    ) as span:
+    async def encode(self, job: EncodeJob) -> list[ImageEmbedding]:
+        """Encode `job.missing` and save each; refs for every image of the request."""
+        refs = [ImageEmbedding(key=k) for k in job.keys]
+        # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent.
+        present = await self.ec.exists([job.keys[i] for i in job.missing])
+        missing = [i for i, there in zip(job.missing, present, strict=True) if not there]
+        elsewhere = {i: self._inflight[job.keys[i]] for i in missing if job.keys[i] in self._inflight}
+        mine = {i: asyncio.get_running_loop().create_future() for i in missing if i not in elsewhere}
+        self._inflight.update({job.keys[i]: f for i, f in mine.items()})
+        saved = False
         try:
-            encoded, batch = await encoder.submit(pictures)
-            span.set_attribute("epd.batch", batch)
-        except ImageRejected as e:
-            raise RequestFailed(400, f"the images could not be processed: {e}") from None
-    for i, enc in zip(missing, encoded, strict=True):
+            await self._encode_and_save(job, list(mine), refs)
+            saved = True
+        finally:
+            for i, future in mine.items():
+                future.set_result(refs[i] if saved else None)
+                del self._inflight[job.keys[i]]
+        again = []
+        for i, future in elsewhere.items():
+            ref = await asyncio.shield(future)
+            if ref is None:  # that request's encode failed: this one tries itself
+                again.append(i)
+            else:
+                refs[i] = ref
+        if again:
+            await self._encode_and_save(job, again, refs)
+        return refs
+
+    async def _encode_and_save(self, job: EncodeJob, missing: list[int], refs: list[ImageEmbedding]) -> None:
+        if not missing:
+            return
+        images = job.request.images()
+        try:
+            pictures = [open_image(images[i].data, i) for i in missing]
+        except BadImage as e:
+            raise RequestFailed(400, str(e)) from None
         with tracer().start_as_current_span(
-            "ec.save", attributes={"epd.image": i, "epd.hit": False, "epd.key": job.keys[i]}
+            "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
         ) as span:
-            refs[i] = await ec.save(job.keys[i], enc.embedding, enc.grid_thw)
-            nbytes = refs[i].tensor.nbytes if refs[i].tensor else 0
-            span.set_attribute("epd.bytes", nbytes)
-            metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
-    return refs
+            try:
+                encoded, batch = await self.batcher.submit(pictures)
+                span.set_attribute("epd.batch", batch)
+            except ImageRejected as e:
+                raise RequestFailed(400, f"the images could not be processed: {e}") from None
+        for i, enc in zip(missing, encoded, strict=True):
+            with tracer().start_as_current_span(
+                "ec.save", attributes={"epd.image": i, "epd.hit": False, "epd.key": job.keys[i]}
+            ) as span:
+                refs[i] = await self.ec.save(job.keys[i], enc.embedding, enc.grid_thw)
+                nbytes = refs[i].tensor.nbytes if refs[i].tensor else 0
+                span.set_attribute("epd.bytes", nbytes)
+                metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
 
 
 class EncodeStage:
@@ -72,10 +99,10 @@ class EncodeStage:
     def __init__(self, rt: Runtime, family: Family, ec: ECConnector) -> None:
         self.rt, self.family, self.ec = rt, family, ec
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
-        self.encoder = image_batcher(family, rt.settings.max_batch)
+        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch)
 
     async def handle(self, job: EncodeJob) -> None:
-        refs = await encode_images(self.encoder, self.ec, job)
+        refs = await self.encoder.encode(job)
         if not job.handoff:  # the request's lead part hands over; prefill waits for this part in the cache
             return
         req = job.request

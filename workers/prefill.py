@@ -18,7 +18,7 @@ from epd.schemas.request import Request
 from epd.workers.decode import Decoder, Generation, chunk
 from epd.workers.decode_batch import finish_reason
 from epd.workers.decoder_choice import DecoderPicker
-from epd.workers.encode import encode_images, image_batcher
+from epd.workers.encode import ImageEncoder
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import Encoded, Family, Prefilled
@@ -54,7 +54,7 @@ class PrefillStage:
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
         self.eos = ckpt.eos_token_ids()
         self.max_len = ckpt.max_model_len()
-        self.encoder = image_batcher(family, rt.settings.max_batch)  # inline encoding
+        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch)  # inline encoding
         # padded tokens in one forward at most: a long prompt is not batched with short ones
         self.batcher = MicroBatcher(
             family.prefill_batch,
@@ -142,7 +142,7 @@ class PrefillStage:
         encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)  # no more waiting
         fallback = self.rt.settings.inline_encode and (getattr(job, "encode_inline", False) or job.pending)
         if self.inline_encode or fallback:  # (the pending encode elsewhere timed out, or no encoder is alive)
-            refs = await encode_images(self.encoder, self.ec, encode_job)
+            refs = await self.encoder.encode(encode_job)
             return await self._embeddings(PrefillJob(request=job.request, images=refs))
         if isinstance(job, EmbeddingReady):  # just encoded and already gone: do not loop
             raise RequestFailed(503, f"embeddings of images {missing} vanished from the encoder cache", "server_error")

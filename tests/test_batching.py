@@ -1,0 +1,227 @@
+"""Batching in the engine: packed encode, padded prefill and continuous decode change nobody's tokens.
+
+Both families, without NATS: the same code the workers run, against transformers' `generate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from epd.schemas.common import ImagePart, Message, SamplingParams, TextPart
+from epd.workers.decode_batch import DecodeBatch
+from epd.workers.engine import load_family
+from epd.workers.engine.checkpoint import Checkpoint
+from epd.workers.engine.family import Encoded, Family
+from epd.workers.engine.kv_cache import PagedKVCache
+from epd.workers.engine.prompt import build_prompt
+from epd.workers.loop import RequestFailed
+from epd.workers.micro_batch import MicroBatcher
+from epd.workers.runtime import Load
+from PIL import Image
+
+from .conftest import png_bytes
+from .oracle import reference
+
+pytestmark = pytest.mark.unit
+MAX_NEW = 14
+
+CASES: list[tuple[str, list[bytes]]] = [
+    ("What shape is it?", [png_bytes(size=(100, 80), color=(30, 200, 90), shape="circle")]),
+    ("Hello, how are you today?", []),
+    ("Describe the image.", [png_bytes(size=(200, 120), color=(200, 30, 30), shape="circle")]),
+    (
+        "What color is the shape?",
+        [png_bytes(size=(56, 90), color=(20, 20, 220), shape="circle"), png_bytes(size=(130, 60), color=(9, 9, 9))],
+    ),
+]
+
+
+@pytest.fixture(scope="module", params=["qwen2_vl", "qwen2_5_vl"])
+def engine(request: pytest.FixtureRequest, tiny_model: Path, tiny_qwen2_5_vl: Path) -> tuple[Path, Checkpoint, Family]:
+    path = tiny_model if request.param == "qwen2_vl" else tiny_qwen2_5_vl
+    ckpt = Checkpoint.open(path)
+    assert ckpt.family == request.param
+    return path, ckpt, load_family(ckpt)
+
+
+def pictures(images: list[bytes]) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(im)).convert("RGB") for im in images]
+
+
+def prompt(ckpt: Checkpoint, family: Family, question: str, images: list[bytes]) -> tuple[list[int], list[Encoded]]:
+    encoded = family.encode(pictures(images)) if images else []
+    content = [ImagePart(data=im) for im in images] + [TextPart(text=question)]
+    ids = build_prompt(
+        ckpt.tokenizer,
+        ckpt.chat_template,
+        [Message(role="user", content=content)],
+        [family.image_tokens(e.grid_thw) for e in encoded],
+        family.image_token_id,
+    )
+    return ids, encoded
+
+
+def new_batch(ckpt: Checkpoint, family: Family, mb: float = 4, max_seqs: int = 8, cancelled: set | None = None):  # noqa: ANN201
+    cache = PagedKVCache(family.kv_layout(), int(mb * 2**20))
+    cancelled = set() if cancelled is None else cancelled
+    batch = DecodeBatch(family, cache, max_seqs, ckpt.eos_token_ids(), ckpt.max_model_len(), cancelled, Load())
+    return cache, batch
+
+
+async def generate(batch: DecodeBatch, family: Family, rid: str, ids, encoded, sampling: SamplingParams) -> list[int]:  # noqa: ANN001
+    out = family.prefill(ids, encoded)
+    first = int(torch.argmax(out.logits)) if sampling.temperature == 0 else None
+    assert first is not None or sampling.seed is not None
+    if first is None:
+        from epd.workers.engine.sampling import sample
+
+        first = sample(out.logits, sampling, len(ids))
+    tokens = [first]
+    seq = await batch.admit(rid, out.kv, out.rope_delta, first, sampling)
+    assert seq is not None
+    while True:
+        token, reason = await seq.out.get()
+        tokens.append(token)
+        if reason is not None:
+            return tokens
+
+
+def test_encoding_images_together_equals_one_at_a_time(engine) -> None:  # noqa: ANN001
+    _, _, family = engine
+    images = pictures([im for _, ims in CASES for im in ims])
+    together = family.encode(images)
+    for image, packed in zip(images, together, strict=True):
+        alone = family.encode([image])[0]
+        assert packed.grid_thw == alone.grid_thw
+        torch.testing.assert_close(packed.embedding, alone.embedding, rtol=1e-4, atol=1e-5)
+
+
+def test_prefill_together_equals_one_at_a_time(engine) -> None:  # noqa: ANN001
+    _, ckpt, family = engine
+    prompts = [prompt(ckpt, family, q, ims) for q, ims in CASES]
+    assert len({len(ids) for ids, _ in prompts}) == len(prompts)  # different lengths: rows are padded
+    for (ids, enc), together in zip(prompts, family.prefill_batch(prompts), strict=True):
+        alone = family.prefill(ids, enc)
+        assert together.rope_delta == alone.rope_delta and together.kv.shape[3] == len(ids)
+        torch.testing.assert_close(together.kv, alone.kv, rtol=1e-4, atol=1e-5)
+        assert int(together.logits.argmax()) == int(alone.logits.argmax())
+
+
+async def test_requests_joining_a_running_decode_batch_get_generates_tokens(engine) -> None:  # noqa: ANN001
+    path, ckpt, family = engine
+    expected = [reference(path, q, ims or None, MAX_NEW)[0] for q, ims in CASES]
+    cache, batch = new_batch(ckpt, family)
+    greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    sizes: list[int] = []
+
+    async def staggered(i: int) -> list[int]:
+        while i and sum(s.generated for s in batch.seqs) < 3 * i:  # join after the others made some tokens
+            await asyncio.sleep(0.001)
+        sizes.append(len(batch.seqs))
+        return await generate(batch, family, f"r{i}", *prompt(ckpt, family, *CASES[i]), greedy)
+
+    got = await asyncio.gather(*(staggered(i) for i in range(len(CASES))))
+    assert got == expected
+    assert max(sizes) >= 2  # some joined a batch already running
+    assert cache.free_tokens == cache.capacity_tokens and batch.load.kv_tokens == 0 and not batch.seqs
+
+
+async def test_a_seeded_sample_draws_the_same_tokens_alone_and_in_a_batch(engine) -> None:  # noqa: ANN001
+    _, ckpt, family = engine
+    seeded = SamplingParams(max_tokens=MAX_NEW, temperature=1.5, seed=11, ignore_eos=True)
+    greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0, ignore_eos=True)
+    _, alone_batch = new_batch(ckpt, family)
+    alone = await generate(alone_batch, family, "a", *prompt(ckpt, family, *CASES[0]), seeded)
+    _, shared = new_batch(ckpt, family)
+    together = await asyncio.gather(
+        generate(shared, family, "s", *prompt(ckpt, family, *CASES[0]), seeded),
+        *(generate(shared, family, f"g{i}", *prompt(ckpt, family, *CASES[i]), greedy) for i in (1, 2)),
+    )
+    assert together[0] == alone and len(alone) == MAX_NEW
+
+
+async def test_admission_waits_for_kv_and_refuses_what_can_never_fit(engine) -> None:  # noqa: ANN001
+    _, ckpt, family = engine
+    ids, enc = prompt(ckpt, family, *CASES[1])
+    sampling = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    layout = family.kv_layout()
+    one = PagedKVCache(layout, 1 << 20).blocks_for(len(ids) + 300)  # blocks one such request reserves
+    budget = (one * 16 + 8) * layout.bytes_per_token() / 2**20  # room for one request, not two
+    cache, batch = new_batch(ckpt, family, mb=budget)
+    first = asyncio.create_task(generate(batch, family, "first", ids, enc, sampling))
+    while not batch.seqs:
+        await asyncio.sleep(0.001)
+    second = asyncio.create_task(generate(batch, family, "second", ids, enc, sampling))
+    assert not first.done()
+    while not second.done():  # the second waits for the first one's blocks: never both at once
+        assert len(batch.seqs) <= 1
+        await asyncio.sleep(0)
+    a, b = await asyncio.gather(first, second)
+    assert a == b and len(a) == 300
+    with pytest.raises(RequestFailed, match="EPD_KV_CACHE_MB") as e:
+        await batch.admit("huge", family.prefill(ids, enc).kv, 0, 1, SamplingParams(max_tokens=4000))
+    assert e.value.status == 400
+    assert cache.free_tokens == cache.capacity_tokens
+
+
+async def test_a_cancelled_sequence_leaves_and_frees_its_blocks(engine) -> None:  # noqa: ANN001
+    _, ckpt, family = engine
+    cancelled: set[str] = set()
+    cache, batch = new_batch(ckpt, family, cancelled=cancelled)
+    ids, enc = prompt(ckpt, family, *CASES[1])
+    out = family.prefill(ids, enc)
+    seq = await batch.admit("gone", out.kv, out.rope_delta, 1, SamplingParams(max_tokens=1000, ignore_eos=True))
+    assert cache.free_tokens < cache.capacity_tokens
+    await seq.out.get()
+    cancelled.add("gone")
+    while (item := await seq.out.get())[0] is not None:
+        pass
+    assert item[1].name == "ABORT"
+    while batch.seqs:
+        await asyncio.sleep(0.001)
+    assert cache.free_tokens == cache.capacity_tokens
+
+
+def test_the_cache_gives_back_what_it_was_given() -> None:
+    from epd.workers.engine.kv_cache import KVLayout
+
+    layout = KVLayout(layers=3, kv_heads=2, head_dim=8, dtype=torch.float32, device=torch.device("cpu"))
+    cache = PagedKVCache(layout, 10 * 16 * layout.bytes_per_token())
+    assert cache.blocks == 10
+    kv = torch.randn(3, 2, 2, 37, 8)
+    blocks = cache.reserve(40)
+    assert blocks is not None and len(blocks) == 3
+    cache.write(blocks, kv)
+    assert torch.equal(cache.read(blocks, 37), kv)
+    assert cache.reserve(8 * 16) is None and cache.free_tokens == 7 * 16  # all or nothing
+    cache.release(blocks)
+    cache.release(blocks)  # twice frees nothing more
+    assert cache.free_tokens == cache.capacity_tokens
+
+
+async def test_a_failing_item_fails_alone_and_the_rest_of_its_batch_is_served() -> None:
+    batches: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        batches.append(items)
+        if "bad" in items:
+            raise ValueError("bad item")
+        return [i.upper() for i in items]
+
+    batcher = MicroBatcher(run, max_batch=8, stage="test")
+    results = await asyncio.gather(*(batcher.submit(i) for i in ["a", "bad", "c"]), return_exceptions=True)
+    assert results[0] == ("A", 1) and results[2] == ("C", 1)
+    assert isinstance(results[1], ValueError)
+    assert batches[0] == ["a", "bad", "c"]  # they were tried together first
+
+
+async def test_what_queues_while_busy_runs_together_within_the_limits() -> None:
+    batches: list[list[int]] = []
+    batcher = MicroBatcher(lambda xs: batches.append(xs) or xs, max_batch=3, stage="test", cost=sum, max_cost=10)
+    results = await asyncio.gather(*(batcher.submit(i) for i in [1, 2, 3, 4, 9, 1]))
+    assert [r for r, _ in results] == [1, 2, 3, 4, 9, 1]
+    assert batches == [[1, 2, 3], [4], [9, 1]]  # at most 3 items; cost at most 10 (9 goes alone or first)
