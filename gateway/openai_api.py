@@ -47,6 +47,7 @@ class GenerationOptions(BaseModel):
     model: str
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # an extension (as in vLLM): 0 or -1 keeps every token
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -60,6 +61,7 @@ class GenerationOptions(BaseModel):
             max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
+            top_k=max(0, self.top_k),
             seed=self.seed,
             ignore_eos=self.ignore_eos,
             stop=stop_strings(self.stop),

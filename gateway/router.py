@@ -102,6 +102,8 @@ class Router:
             raise ApiError(400, f"temperature must be >= 0, got {req.sampling.temperature}", param="temperature")
         if not 0 < req.sampling.top_p <= 1:
             raise ApiError(400, f"top_p must be in (0, 1], got {req.sampling.top_p}", param="top_p")
+        if req.sampling.top_k < 0:
+            raise ApiError(400, f"top_k must be >= 0 (0 keeps every token), got {req.sampling.top_k}", param="top_k")
         images = req.images()
         if len(images) > self.settings.max_images:
             raise ApiError(413, f"{len(images)} images; this server takes at most {self.settings.max_images}")

@@ -32,6 +32,7 @@ class SamplingParams(Struct):
     max_tokens: int = 256
     temperature: float = 0.0  # 0 means greedy
     top_p: float = 1.0
+    top_k: int = 0  # the k most likely tokens only; 0 (or -1) keeps all
     seed: int | None = None
     ignore_eos: bool = False  # generate max_tokens regardless of EOS (benchmarks, tests)
     stop: list[str] = msgspec.field(default_factory=list)  # output ends before the first of these

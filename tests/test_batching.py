@@ -18,7 +18,7 @@ from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Encoded, Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.prompt import build_prompt
-from epd.workers.loop import RequestFailed
+from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Load
 from PIL import Image

@@ -82,6 +82,10 @@ def test_seeded_sampling_is_reproducible_and_greedy_is_argmax() -> None:
     assert sample(logits, SamplingParams(temperature=0.0), 0) == int(torch.argmax(logits))
     top = sample(logits, SamplingParams(temperature=1.0, top_p=1e-6, seed=1), 0)
     assert top == int(torch.argmax(logits))  # top_p this small keeps the top token only
+    three = set(torch.topk(logits, 3).indices.tolist())
+    hot = SamplingParams(temperature=50.0, top_k=3, seed=2)  # nearly uniform over what top_k keeps
+    assert {sample(logits, hot, pos) for pos in range(60)} == three
+    assert sample(logits, SamplingParams(temperature=1.0, top_k=1, seed=4), 0) == int(torch.argmax(logits))
 
 
 def test_detokenizer_deltas_add_up_to_the_whole_text(engine) -> None:  # noqa: ANN001

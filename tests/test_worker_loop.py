@@ -9,7 +9,8 @@ from epd.schemas import subjects
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, Reply, TokenChunk
-from epd.workers.loop import RequestFailed, StageLoop
+from epd.workers.errors import RequestFailed
+from epd.workers.loop import StageLoop
 from epd.workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration

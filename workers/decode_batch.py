@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Container
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from epd.ops import metrics
@@ -23,8 +24,10 @@ from epd.schemas.common import FinishReason, SamplingParams
 from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.sampling import MIN_TEMPERATURE, sample
-from epd.workers.loop import RequestFailed
-from epd.workers.runtime import Load
+from epd.workers.errors import RequestFailed
+
+if TYPE_CHECKING:
+    from epd.workers.runtime import Load
 
 ADMIT_POLL_S = 0.2  # how often a waiting admission checks for its request's cancellation
 

@@ -11,8 +11,8 @@ from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding
 from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.workers.engine.family import Encoded, Family, ImageRejected
+from epd.workers.errors import RequestFailed
 from epd.workers.images import BadImage, open_image
-from epd.workers.loop import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
 from PIL import Image

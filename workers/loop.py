@@ -22,6 +22,7 @@ from epd.ops.tracing import attempt_span_id, extract_context, fixed_span_id, tra
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, WireError
 from epd.schemas.reply import ErrorReply
+from epd.workers.errors import RequestFailed
 from epd.workers.runtime import Runtime
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
@@ -29,15 +30,6 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 log = logging.getLogger(__name__)
-
-
-class RequestFailed(Exception):
-    """A request cannot be served; `status` and message go to its client."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status = status
-        self.type = type_
 
 
 class Stage(Protocol):

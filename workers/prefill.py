@@ -25,7 +25,7 @@ from epd.workers.engine.family import Encoded, Family, Prefilled
 from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
 from epd.workers.engine.stops import StopStrings
-from epd.workers.loop import RequestFailed
+from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
 

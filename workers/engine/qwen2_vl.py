@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Encoded, Family, ImageRejected
@@ -10,10 +12,13 @@ from PIL import Image
 
 
 class Qwen2VL(Family):
-    def __init__(self, ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", parts: Parts = "all") -> None:
+    def __init__(
+        self, ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", parts: Parts = "all", model: Any = None
+    ) -> None:
+        """`model`: one already built (benchmarks build random weights on the device instead of loading)."""
         self.ckpt = ckpt
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
-        self.model = load_model(ckpt, self.device, self.dtype, parts)
+        self.model = model if model is not None else load_model(ckpt, self.device, self.dtype, parts)
         self.config = self.model.config
         self.image_token_id = int(self.config.image_token_id)
         self.merge = int(self.config.vision_config.spatial_merge_size)

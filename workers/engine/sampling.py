@@ -1,4 +1,4 @@
-"""Per-request sampling: greedy, or temperature and top-p with a seed that survives P -> D."""
+"""Per-request sampling: greedy, or temperature, top-k and top-p with a seed that survives P -> D."""
 
 from __future__ import annotations
 
@@ -12,7 +12,11 @@ def sample(logits: torch.Tensor, params: SamplingParams, position: int) -> int:
     """Next token from (vocab,) logits. `position` makes seeded draws the same on any worker."""
     if params.temperature < MIN_TEMPERATURE:  # 0, or so small that it is greedy in all but name
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.double() / params.temperature, dim=-1)  # float64: no overflow at small T
+    logits = logits.double()  # float64: no overflow at small T
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_p, order = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p  # always keeps the top token

@@ -1,0 +1,307 @@
+"""The engine on a GPU: a random-weight model of Qwen2.5-VL-7B's shape in bfloat16, against transformers.
+
+Every figure is measured in one run, on one device, beside its naive baseline on the same model
+and inputs (transformers run one request at a time, as a server without batching would):
+
+- memory bandwidth: a large device-to-device copy (bytes read plus written, over the time);
+- encoder images/s at 448x448 and 1024x1024: `encode` (the processor, then one packed forward
+  for the whole batch) against the vision tower called once per image on the same pixels;
+- prefill tokens/s: `prefill_batch` over 8 prompts of 1,024 tokens against the model's forward
+  (what `generate` does first) one prompt at a time;
+- decode tokens/s at 1, 8, 32 and 64 concurrent sequences: the continuous batch (`DecodeBatch`,
+  our paged KV cache) against `generate` one request at a time, and against `generate` on the
+  whole group as one static batch (a stronger baseline);
+- the batch-1 decode step against the weight-read bound: the language model's weight bytes over
+  the measured bandwidth.
+
+    python bench/engine_gpu.py [--layers 28] [--new-tokens 128] [--out bench/results/engine_gpu.json]
+
+`--layers` below 28 makes a quick smoke run. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+OUT = Path(__file__).resolve().parent / "results" / "engine_gpu.json"
+
+
+def qwen2_5_vl_7b_config(layers: int = 28) -> Any:
+    """Qwen2.5-VL-7B-Instruct's shape (its published config.json), with `layers` text layers."""
+    from transformers import Qwen2_5_VLConfig
+
+    return Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": layers,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": 32768,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
+            "tie_word_embeddings": False,
+            "eos_token_id": 151645,
+        },
+        vision_config={
+            "depth": 32,
+            "hidden_size": 1280,
+            "intermediate_size": 3420,
+            "num_heads": 16,
+            "out_hidden_size": 3584,
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [7, 15, 23, 31],
+        },
+        image_token_id=151655,
+        video_token_id=151656,
+        vision_start_token_id=151652,
+        vision_end_token_id=151653,
+        tie_word_embeddings=False,
+    )
+
+
+def cuda_time(fn: Any, repeat: int = 3) -> float:
+    """Median seconds of `fn()` after one warm-up, synchronized around each run."""
+    fn()
+    times = []
+    for _ in range(repeat):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bandwidth() -> float:
+    """Bytes per second of a 4 GiB device-to-device copy, counting bytes read and written."""
+    a = torch.randn(2**31 // 2, device="cuda", dtype=torch.bfloat16)  # 2 GiB
+    b = torch.empty_like(a)
+    seconds = cuda_time(lambda: b.copy_(a), repeat=10)
+    return 2 * a.numel() * a.element_size() / seconds  # both freed on return
+
+
+def noise_images(n: int, side: int, seed: int) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def bench_encoder(family: Any, side: int, n: int) -> dict[str, float]:
+    images = noise_images(n, side, side)
+    visual = family.model.model.visual
+    batch = family.ckpt.image_processor(images=images, return_tensors="pt")
+    pixels = batch["pixel_values"].to("cuda", torch.bfloat16)
+    grid = batch["image_grid_thw"].to("cuda")
+    per_image = [family.ckpt.image_processor(images=[im], return_tensors="pt") for im in images]
+    singles = [(b["pixel_values"].to("cuda", torch.bfloat16), b["image_grid_thw"].to("cuda")) for b in per_image]
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for px, g in singles:
+                visual(px, grid_thw=g)
+
+    def packed() -> None:
+        with torch.inference_mode():
+            visual(pixels, grid_thw=grid)
+
+    t_naive, t_packed, t_encode = cuda_time(naive), cuda_time(packed), cuda_time(lambda: family.encode(images))
+    return {
+        "images": n,
+        "tokens_per_image": int(grid[0].prod()) // 4,
+        "naive_images_per_s": n / t_naive,
+        "packed_forward_images_per_s": n / t_packed,
+        "encode_with_processor_images_per_s": n / t_encode,
+    }
+
+
+def bench_prefill(family: Any, prompts: int, tokens: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 150000, (tokens,), generator=gen).tolist() for _ in range(prompts)]
+    model = family.model
+
+    def naive() -> None:
+        with torch.inference_mode():
+            for row in ids:
+                model(input_ids=torch.tensor([row], device="cuda"), use_cache=True, logits_to_keep=1)
+
+    t_naive = cuda_time(naive)
+    t_ours = cuda_time(lambda: family.prefill_batch([(row, []) for row in ids]))
+    total = prompts * tokens
+    return {
+        "prompts": prompts,
+        "tokens": tokens,
+        "naive_tokens_per_s": total / t_naive,
+        "ours_tokens_per_s": total / t_ours,
+    }
+
+
+async def _decode_ours(family: Any, prefilled: list, new: int, cache_mb: int) -> tuple[float, list[float]]:
+    from epd.schemas.common import SamplingParams
+    from epd.workers.decode_batch import DecodeBatch
+    from epd.workers.engine.kv_cache import PagedKVCache
+
+    class Load:
+        kv_tokens = kv_capacity = 0
+
+    cache = PagedKVCache(family.kv_layout(), cache_mb * 2**20)
+    batch = DecodeBatch(family, cache, 256, set(), 32768, set(), Load())
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    seqs = [
+        await batch.admit(f"r{i}", p.kv, p.rope_delta, int(p.logits.argmax()), params) for i, p in enumerate(prefilled)
+    ]
+    stamps: list[float] = []
+
+    async def drain(seq: Any, record: bool) -> None:
+        while True:
+            token, reason = await seq.out.get()
+            if record:
+                stamps.append(time.perf_counter())
+            if reason is not None:
+                return
+
+    await asyncio.gather(*(drain(s, i == 0) for i, s in enumerate(seqs)))
+    torch.cuda.synchronize()
+    return time.perf_counter() - started, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+
+
+def bench_decode(family: Any, concurrency: int, prompt: int, new: int) -> dict[str, float]:
+    gen = torch.Generator().manual_seed(concurrency)
+    ids = torch.randint(0, 150000, (concurrency, prompt), generator=gen)
+    prefilled = []
+    for start in range(0, concurrency, 8):
+        prefilled += family.prefill_batch([(row.tolist(), []) for row in ids[start : start + 8]])
+    need_mb = int(concurrency * (prompt + new + 16) * family.kv_layout().bytes_per_token() / 2**20) + 64
+    asyncio.run(_decode_ours(family, prefilled[:1], 8, need_mb))  # warm-up
+    seconds, gaps = asyncio.run(_decode_ours(family, prefilled, new, need_mb))
+    model = family.model
+    kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
+
+    def one_at_a_time() -> None:
+        with torch.inference_mode():
+            row = ids[:1].to("cuda")
+            model.generate(input_ids=row, attention_mask=torch.ones_like(row), **kwargs)
+
+    def static_batch() -> None:
+        with torch.inference_mode():
+            rows = ids.to("cuda")
+            model.generate(input_ids=rows, attention_mask=torch.ones_like(rows), **kwargs)
+
+    t_one = cuda_time(one_at_a_time, repeat=1)  # a server without batching: requests in turn
+    t_static = cuda_time(static_batch, repeat=1)
+    produced = concurrency * (new - 1)  # tokens after prefill's first
+    return {
+        "concurrency": concurrency,
+        "ours_tokens_per_s": produced / seconds,
+        "naive_one_at_a_time_tokens_per_s": (new - 1) / t_one,
+        "generate_static_batch_tokens_per_s": produced / t_static,
+        "step_ms_median": statistics.median(gaps) * 1e3 if gaps else float("nan"),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=28)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--prompt", type=int, default=512)
+    p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    p.add_argument("--out", type=Path, default=OUT)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("engine_gpu.py needs a CUDA device")
+    from epd.workers.engine.checkpoint import Checkpoint
+    from epd.workers.engine.qwen2_5_vl import Qwen25VL
+    from transformers import AutoModelForImageTextToText
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    torch.manual_seed(0)
+    config = qwen2_5_vl_7b_config(args.layers)
+    with torch.device("cuda"):
+        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).eval()
+    ckpt = Checkpoint(Path("."), config, None, Qwen2VLImageProcessorPil(), "")
+    family = Qwen25VL(ckpt, device="cuda", dtype="bfloat16", model=model)
+    text_bytes = sum(
+        p.numel() * p.element_size()
+        for n, p in model.named_parameters()
+        if not n.startswith("model.visual.") and "embed_tokens" not in n  # a step reads one embedding row
+    )
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "text_layers": args.layers,
+        "attention": model.config._attn_implementation,
+        "language_weight_bytes_read_per_step": text_bytes,
+    }
+    bw = bandwidth()
+    results["bandwidth_gb_per_s"] = bw / 1e9
+    results["weight_read_bound_ms"] = text_bytes / bw * 1e3
+    print(f"{results['device']}: copy {bw / 1e9:.0f} GB/s; weight-read bound {results['weight_read_bound_ms']:.2f} ms")
+    results["encoder"] = [bench_encoder(family, 448, 32), bench_encoder(family, 1024, 8)]
+    for e in results["encoder"]:
+        print(f"encoder: {e}", flush=True)
+    results["prefill"] = bench_prefill(family, 8, 1024)
+    print(f"prefill: {results['prefill']}", flush=True)
+    results["decode"] = []
+    for c in args.concurrency:
+        results["decode"].append(bench_decode(family, c, args.prompt, args.new_tokens))
+        print(f"decode: {results['decode'][-1]}", flush=True)
+    one = results["decode"][0]
+    results["batch1_step_over_bound"] = one["step_ms_median"] / results["weight_read_bound_ms"]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+    return 0
+
+
+def table(r: dict[str, Any]) -> str:
+    lines = [
+        f"{r['device']}, torch {r['torch']}, {r['text_layers']} text layers, bf16, attention {r['attention']}",
+        f"copy bandwidth {r['bandwidth_gb_per_s']:.0f} GB/s; weight-read bound {r['weight_read_bound_ms']:.2f} ms/step",
+        "| what | epd | naive | ratio |",
+        "|---|---|---|---|",
+    ]
+    for e in r["encoder"]:
+        side = "448x448" if e["tokens_per_image"] < 1000 else "1024x1024"
+        lines.append(
+            f"| encoder {side}, images/s (packed forward; "
+            f"with processor {e['encode_with_processor_images_per_s']:.1f}) "
+            f"| {e['packed_forward_images_per_s']:.1f} | {e['naive_images_per_s']:.1f} "
+            f"| {e['packed_forward_images_per_s'] / e['naive_images_per_s']:.2f}x |"
+        )
+    pf = r["prefill"]
+    lines.append(
+        f"| prefill tokens/s (8 x 1024) | {pf['ours_tokens_per_s']:.0f} | {pf['naive_tokens_per_s']:.0f} "
+        f"| {pf['ours_tokens_per_s'] / pf['naive_tokens_per_s']:.2f}x |"
+    )
+    for d in r["decode"]:
+        lines.append(
+            f"| decode tokens/s at {d['concurrency']} "
+            f"(static-batch generate {d['generate_static_batch_tokens_per_s']:.0f}) "
+            f"| {d['ours_tokens_per_s']:.0f} | {d['naive_one_at_a_time_tokens_per_s']:.0f} "
+            f"| {d['ours_tokens_per_s'] / d['naive_one_at_a_time_tokens_per_s']:.2f}x |"
+        )
+    lines.append(
+        f"batch-1 decode step {r['decode'][0]['step_ms_median']:.2f} ms = {r['batch1_step_over_bound']:.2f}x the bound"
+    )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
