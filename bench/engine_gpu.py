@@ -150,7 +150,10 @@ def bench_prefill(family: Any, prompts: int, tokens: int) -> dict[str, float]:
     }
 
 
-async def _decode_ours(family: Any, prefilled: list, new: int, cache_mb: int) -> tuple[float, list[float]]:
+async def _decode_ours(
+    family: Any, prefilled: list, new: int, cache_mb: int, graphs: bool
+) -> tuple[float, list[float], list[list[int]]]:
+    """Seconds for every sequence to make `new` tokens, step gaps seen by the first, and the tokens."""
     from epd.schemas.common import SamplingParams
     from epd.workers.decode_batch import DecodeBatch
     from epd.workers.engine.kv_cache import PagedKVCache
@@ -159,7 +162,7 @@ async def _decode_ours(family: Any, prefilled: list, new: int, cache_mb: int) ->
         kv_tokens = kv_capacity = 0
 
     cache = PagedKVCache(family.kv_layout(), cache_mb * 2**20)
-    batch = DecodeBatch(family, cache, 256, set(), 32768, set(), Load())
+    batch = DecodeBatch(family, cache, 256, set(), 32768, set(), Load(), cuda_graphs=graphs)
     params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
     torch.cuda.synchronize()
     started = time.perf_counter()
@@ -168,17 +171,19 @@ async def _decode_ours(family: Any, prefilled: list, new: int, cache_mb: int) ->
     ]
     stamps: list[float] = []
 
-    async def drain(seq: Any, record: bool) -> None:
+    async def drain(seq: Any, record: bool) -> list[int]:
+        tokens = []
         while True:
             token, reason = await seq.out.get()
+            tokens.append(token)
             if record:
                 stamps.append(time.perf_counter())
             if reason is not None:
-                return
+                return tokens
 
-    await asyncio.gather(*(drain(s, i == 0) for i, s in enumerate(seqs)))
+    out = await asyncio.gather(*(drain(s, i == 0) for i, s in enumerate(seqs)))
     torch.cuda.synchronize()
-    return time.perf_counter() - started, [b - a for a, b in zip(stamps, stamps[1:], strict=False)]
+    return time.perf_counter() - started, [b - a for a, b in zip(stamps, stamps[1:], strict=False)], out
 
 
 def bench_decode(family: Any, concurrency: int, prompt: int, new: int) -> dict[str, float]:
@@ -188,8 +193,10 @@ def bench_decode(family: Any, concurrency: int, prompt: int, new: int) -> dict[s
     for start in range(0, concurrency, 8):
         prefilled += family.prefill_batch([(row.tolist(), []) for row in ids[start : start + 8]])
     need_mb = int(concurrency * (prompt + new + 16) * family.kv_layout().bytes_per_token() / 2**20) + 64
-    asyncio.run(_decode_ours(family, prefilled[:1], 8, need_mb))  # warm-up
-    seconds, gaps = asyncio.run(_decode_ours(family, prefilled, new, need_mb))
+    asyncio.run(_decode_ours(family, prefilled[:1], 8, need_mb, False))  # warm-up
+    eager, eager_gaps, eager_tokens = asyncio.run(_decode_ours(family, prefilled, new, need_mb, False))
+    asyncio.run(_decode_ours(family, prefilled, new, need_mb, True))  # records this run's graphs
+    seconds, gaps, tokens = asyncio.run(_decode_ours(family, prefilled, new, need_mb, True))
     model = family.model
     kwargs = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False}
 
@@ -208,7 +215,10 @@ def bench_decode(family: Any, concurrency: int, prompt: int, new: int) -> dict[s
     produced = concurrency * (new - 1)  # tokens after prefill's first
     return {
         "concurrency": concurrency,
+        "graphs_give_eager_tokens": tokens == eager_tokens,
         "ours_tokens_per_s": produced / seconds,
+        "ours_without_graphs_tokens_per_s": produced / eager,
+        "step_ms_median_without_graphs": statistics.median(eager_gaps) * 1e3 if eager_gaps else float("nan"),
         "naive_one_at_a_time_tokens_per_s": (new - 1) / t_one,
         "generate_static_batch_tokens_per_s": produced / t_static,
         "step_ms_median": statistics.median(gaps) * 1e3 if gaps else float("nan"),
@@ -293,7 +303,8 @@ def table(r: dict[str, Any]) -> str:
     for d in r["decode"]:
         lines.append(
             f"| decode tokens/s at {d['concurrency']} "
-            f"(static-batch generate {d['generate_static_batch_tokens_per_s']:.0f}) "
+            f"(static-batch generate {d['generate_static_batch_tokens_per_s']:.0f}; "
+            f"ours without CUDA graphs {d['ours_without_graphs_tokens_per_s']:.0f}) "
             f"| {d['ours_tokens_per_s']:.0f} | {d['naive_one_at_a_time_tokens_per_s']:.0f} "
             f"| {d['ours_tokens_per_s'] / d['naive_one_at_a_time_tokens_per_s']:.2f}x |"
         )

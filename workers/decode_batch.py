@@ -72,9 +72,16 @@ class DecodeBatch:
         max_len: int,
         cancelled: Container[str],
         load: Load,
+        cuda_graphs: bool = True,
     ) -> None:
+        """`cuda_graphs`: on a CUDA device, replay steps from graphs (`engine/cuda_graphs.py`)."""
         self.family, self.cache, self.max_seqs, self.eos, self.max_len = family, cache, max_seqs, eos, max_len
         self.cancelled, self.load = cancelled, load
+        self._graphs = None
+        if cuda_graphs and family.device.type == "cuda":
+            from epd.workers.engine.cuda_graphs import GraphedSteps
+
+            self._graphs = GraphedSteps(family, cache, max_seqs)
         self.seqs: list[Sequence] = []
         self._room = asyncio.Condition()
         self._runner: asyncio.Task | None = None
@@ -147,8 +154,12 @@ class DecodeBatch:
             if seq.kv is not None:
                 self.cache.write(seq.blocks, seq.kv)
                 seq.kv = None
-        view = self.cache.step_view([s.blocks for s in live], [s.length for s in live])
-        logits = self.family.decode_step([s.last for s in live], [s.length + s.rope_delta for s in live], view)
+        tokens, positions = [s.last for s in live], [s.length + s.rope_delta for s in live]
+        tables, lengths = [s.blocks for s in live], [s.length for s in live]
+        if self._graphs is not None:
+            logits = self._graphs.step(tokens, positions, tables, lengths)
+        else:
+            logits = self.family.decode_step(tokens, positions, self.cache.step_view(tables, lengths))
         greedy = logits.argmax(-1).tolist()
         # a seeded draw depends on the position: the same tokens whichever worker or batch runs it
         return [

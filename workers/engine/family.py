@@ -99,10 +99,15 @@ class Family(ABC):
         return [Prefilled(view.row(i, n), logits[i], d) for i, (n, d) in enumerate(zip(lengths, deltas, strict=True))]
 
     @torch.inference_mode()
-    def decode_step(self, tokens: list[int], positions: list[int], view: StepView) -> torch.Tensor:
-        """One token for each sequence of the batch (`positions`: M-RoPE ones); (batch, vocab) logits."""
-        ids = torch.tensor(tokens, device=self.device).view(-1, 1)
-        pos = torch.tensor(positions, device=self.device).view(1, -1, 1).expand(3, -1, 1)
+    def decode_step(
+        self, tokens: list[int] | torch.Tensor, positions: list[int] | torch.Tensor, view: StepView
+    ) -> torch.Tensor:
+        """One token for each sequence of the batch (`positions`: M-RoPE ones); (batch, vocab) logits.
+
+        Given device tensors (as `cuda_graphs.py` does) it launches device work only, so it can be captured.
+        """
+        ids = torch.as_tensor(tokens, device=self.device).view(-1, 1)
+        pos = torch.as_tensor(positions, device=self.device).view(1, -1, 1).expand(3, -1, 1)
         out = self.text(
             inputs_embeds=self.text.embed_tokens(ids),
             attention_mask={"full_attention": self._mask(view.mask)},

@@ -91,22 +91,27 @@ class PagedKVCache:
 
     def step_view(self, tables: list[list[int]], lengths: list[int]) -> StepView:
         """The cache as one decode step of these sequences sees it; `lengths`: tokens each holds now."""
-        return StepView(self, tables, lengths)
+        width = max(self.blocks_for(n + 1) for n in lengths)  # blocks the longest sequence needs after the step
+        device = self.layout.device
+        rows = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], device=device)
+        return StepView(self, rows, torch.tensor(lengths, device=device))
 
 
 class StepView:
-    """One decode step's window on the cache, in the shape of a transformers `Cache` (only `update`)."""
+    """One decode step's window on the cache, in the shape of a transformers `Cache` (only `update`).
 
-    def __init__(self, cache: PagedKVCache, tables: list[list[int]], lengths: list[int]) -> None:
-        device, bs = cache.layout.device, cache.block_tokens
-        width = max(cache.blocks_for(n + 1) for n in lengths)  # blocks the longest sequence needs after the step
-        self.cache = cache
-        self.tables = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], device=device)
-        length = torch.tensor(lengths, device=device)
-        rows = torch.arange(len(lengths), device=device)
-        self._slot = (self.tables[rows, length // bs], length % bs)  # where each new token goes
+    Built from device tensors alone, so that a CUDA graph can capture it: `tables` (batch, width)
+    block ids (entries past a sequence's end are never attended to) and `lengths` (batch,).
+    """
+
+    def __init__(self, cache: PagedKVCache, tables: torch.Tensor, lengths: torch.Tensor) -> None:
+        bs = cache.block_tokens
+        self.cache, self.tables = cache, tables
+        rows = torch.arange(tables.shape[0], device=tables.device)
+        self._slot = (tables[rows, lengths // bs], lengths % bs)  # where each new token goes
+        keys = torch.arange(tables.shape[1] * bs, device=tables.device)
         # (batch, 1, 1, keys): a sequence attends to its own tokens and the new one
-        self.mask = (torch.arange(width * bs, device=device)[None, :] <= length[:, None])[:, None, None, :]
+        self.mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *_: object) -> tuple[torch.Tensor, ...]:
         """Store the step's (batch, kv_heads, 1, head_dim) keys and values; return all of each sequence's."""
