@@ -2,7 +2,6 @@
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-MODEL  ?= .cache/models/tiny-qwen2-vl
 ARGS   ?=
 
 .PHONY: serve test lint clean

@@ -145,13 +145,8 @@ def _up(args: argparse.Namespace, settings: Settings) -> int:
     if not settings.trace_dir:
         settings = settings.replace(trace_dir=str(workdir / "traces"))
     if not (settings.model / "config.json").exists():
-        if args.model is not None:
-            print(f"epd: {settings.model} is not a checkpoint directory (no config.json)", file=sys.stderr)
-            return 2
-        from epd.ops.tiny_model import build_tiny_qwen2_vl
-
-        print(f"epd up: building the demo checkpoint at {settings.model}", flush=True)
-        build_tiny_qwen2_vl(settings.model)
+        print(f"epd: {settings.model} is not a checkpoint directory (no config.json)", file=sys.stderr)
+        return 2
     counts = {"encode": args.encoders, "decode": args.decoders}
     counts |= dict.fromkeys(("prefill", "pd", "epd"), args.prefills)  # the worker that prefills, by topology
     return run_up(settings, workdir, counts)

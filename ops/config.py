@@ -22,8 +22,12 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(name, default)
 
 
+# The demo checkpoint that ships with the project (trained by `python -m epd.ops.demo_model`).
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "epd-demo-qwen2-vl"
+
+
 def default_model_dir() -> Path:
-    return Path(_env("EPD_MODEL", str(Path.cwd() / ".cache" / "models" / "tiny-qwen2-vl")))
+    return Path(_env("EPD_MODEL", str(DEMO_MODEL)))
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from epd.ops import shapes
+from epd.ops.config import DEMO_MODEL
 from epd.ops.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, qwen2_vl_config, save_checkpoint
 
-SHIPPED = Path(__file__).resolve().parent.parent / "models" / "epd-demo-qwen2-vl"  # where it is to ship
+SHIPPED = DEMO_MODEL  # where it ships: the default model of `epd up`
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 25  # 4 to 25 image tokens a picture
 QUESTIONS = shapes.COLOR_QUESTIONS + shapes.SHAPE_QUESTIONS + shapes.DESCRIBE_QUESTIONS
 
@@ -30,16 +31,16 @@ _CORPUS = " ".join(
 
 @dataclass
 class Recipe:
-    steps: int = 1500
+    steps: int = 600
     batch: int = 32
     lr: float = 2e-3
     hidden: int = 128
     layers: int = 3
     vision_width: int = 96
     seed: int = 0
-    threads: int = 1
+    threads: int = 2
     max_pixels: int = MAX_PIXELS
-    vision_steps: int = 2500  # first, the vision tower alone learns color and shape through a pooled head
+    vision_steps: int = 3500  # first, the vision tower alone learns color and shape through a pooled head
     vision_lr: float = 1e-3
 
 

@@ -171,7 +171,12 @@ def save_checkpoint(model: Any, out: Path, min_pixels: int, max_pixels: int) -> 
 
 
 def build_tiny_qwen2_vl(
-    out: str | Path, seed: int = 0, hidden: int = 64, layers: int = 2, family: str = "qwen2_vl"
+    out: str | Path,
+    seed: int = 0,
+    hidden: int = 64,
+    layers: int = 2,
+    family: str = "qwen2_vl",
+    vision_width: int | None = None,
 ) -> Path:
     """Write a random-weight checkpoint of `family` (qwen2_vl, qwen2_5_vl) to `out`: a few MB at the default size.
 
@@ -182,7 +187,7 @@ def build_tiny_qwen2_vl(
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = CONFIGS[family](build_tokenizer(out), hidden, layers)
+    config = CONFIGS[family](build_tokenizer(out), hidden, layers, vision_width)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config).eval()
     with torch.no_grad():  # larger weights than the init's: logits far apart, so argmax is stable

@@ -95,3 +95,9 @@ async def test_bad_requests_get_clear_errors(cluster) -> None:  # noqa: ANN001
     async with httpx.AsyncClient(base_url=cluster.base_url) as client:
         models = (await client.get("/v1/models")).json()
     assert [m["id"] for m in models["data"]] == ["tiny-qwen2-vl"]
+
+
+async def test_requests_sharing_batches_each_get_generates_tokens(cluster, tiny_model: Path) -> None:  # noqa: ANN001
+    from .test_families import concurrent_requests_match_generate
+
+    await concurrent_requests_match_generate(cluster, tiny_model, "tiny-qwen2-vl")
