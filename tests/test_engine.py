@@ -69,7 +69,7 @@ def test_prompt_rejects_image_count_mismatch(engine) -> None:  # noqa: ANN001
 
 def test_unsupported_checkpoint_names_supported_families(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text('{"model_type": "gpt2"}')
-    with pytest.raises(CheckpointError, match="Qwen2-VL"):
+    with pytest.raises(CheckpointError, match=r"Qwen2-VL \(qwen2_vl\), Qwen2.5-VL \(qwen2_5_vl\)"):
         Checkpoint.open(tmp_path)
 
 
@@ -117,3 +117,45 @@ def test_stop_strings_cut_the_text_and_never_send_part_of_a_stop_early() -> None
     held = StopStrings(["!!"])
     assert held.add("hi!", final=False) == ("hi", False)
     assert held.add("?", final=True) == ("!?", False)  # the end flushes what was held
+
+
+def test_a_sharded_checkpoint_loads_and_each_half_alone_computes_what_the_whole_does(
+    engine,
+    tiny_model: Path,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    from transformers import AutoModelForImageTextToText
+
+    ckpt, full = engine
+    sharded = tmp_path / "sharded"
+    AutoModelForImageTextToText.from_pretrained(tiny_model).save_pretrained(sharded, max_shard_size="300KB")
+    for f in tiny_model.iterdir():  # tokenizer, image processor, chat template
+        if not f.name.startswith("model") and not (sharded / f.name).exists():
+            (sharded / f.name).write_bytes(f.read_bytes())
+    assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*"))) > 2
+    vision = load_family(Checkpoint.open(sharded), parts="vision")
+    language = load_family(Checkpoint.open(sharded), parts="language")
+    assert vision.model.model.language_model is None and vision.model.lm_head is None
+    assert language.model.model.visual is None
+    image = Image.open(io.BytesIO(png_bytes(size=(90, 70), shape="circle"))).convert("RGB")
+    whole, alone = full.encode([image])[0], vision.encode([image])[0]
+    assert torch.equal(whole.embedding, alone.embedding) and whole.grid_thw == alone.grid_thw
+    ids = build_prompt(
+        ckpt.tokenizer,
+        ckpt.chat_template,
+        [Message(role="user", content=[ImagePart(data=b""), TextPart(text="What is it?")])],
+        [full.image_tokens(whole.grid_thw)],
+        full.image_token_id,
+    )
+    a, b = full.prefill(ids, [whole]), language.prefill(ids, [alone])
+    assert torch.equal(a.kv, b.kv) and torch.equal(a.logits, b.logits)
+
+
+def test_devices_are_checked_and_npu_needs_torch_npu(engine) -> None:  # noqa: ANN001
+    ckpt, _ = engine
+    with pytest.raises(ValueError, match="torch_npu"):
+        load_family(ckpt, device="npu:0")  # not installed here: a clear error, not an ImportError
+    with pytest.raises(ValueError, match="cpu, cuda"):
+        load_family(ckpt, device="tpu:0")
+    with pytest.raises(ValueError, match="parts"):
+        load_family(ckpt, parts="everything")  # type: ignore[arg-type]

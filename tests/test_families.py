@@ -28,10 +28,15 @@ def qwen25(
     c.stop()
 
 
-async def answer(cluster: Cluster, question: str, images: list[bytes], max_tokens: int) -> str:
-    body = chat_body(question, model=MODEL, max_tokens=max_tokens)
+def images_chat(question: str, images: list[bytes], model: str, max_tokens: int) -> dict:
+    """A chat request with `images` (any number) before the question."""
+    body = chat_body(question, model=model, max_tokens=max_tokens)
     parts = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-    body["messages"][0]["content"] = parts + body["messages"][0]["content"]
+    body["messages"][0]["content"][:0] = parts
+    return body
+
+
+async def answer(cluster: Cluster, body: dict) -> str:
     r = await post(cluster, body)
     assert r.status_code == 200, r.text
     return r.json()["choices"][0]["message"]["content"]
@@ -47,7 +52,7 @@ async def test_qwen25_image_text_and_two_image_requests_match_generate(qwen25: C
     ]
     for question, images in cases:
         _, expected = reference(tiny_qwen2_5_vl, question, images or None, 12)
-        assert await answer(qwen25, question, images, 12) == expected, question
+        assert await answer(qwen25, images_chat(question, images, MODEL, 12)) == expected, question
 
 
 async def test_qwen25_requests_sharing_batches_each_get_generates_tokens(
@@ -68,13 +73,6 @@ async def concurrent_requests_match_generate(cluster: Cluster, model_dir: Path, 
 
     async def one(i: int) -> str:
         await asyncio.sleep(0.03 * i)  # staggered: later ones join batches already running
-        q, ims, n = cases[i]
-        body = chat_body(q, model=model, max_tokens=n)
-        body["messages"][0]["content"] = [
-            {"type": "image_url", "image_url": {"url": data_url(im)}} for im in ims
-        ] + body["messages"][0]["content"]
-        r = await post(cluster, body)
-        assert r.status_code == 200, r.text
-        return r.json()["choices"][0]["message"]["content"]
+        return await answer(cluster, images_chat(*cases[i][:2], model, cases[i][2]))
 
     assert await asyncio.gather(*(one(i) for i in range(len(cases)))) == expected

@@ -1,4 +1,4 @@
-"""The gateway as clients meet it: the README's NATS example, cancellation, API keys."""
+"""The gateway as clients meet it: cancellation, API keys."""
 
 import asyncio
 import json
@@ -15,20 +15,6 @@ from epd.ops.trace_view import load_spans, spans_for_request
 from epd.ops.up import Cluster
 
 from .conftest import chat_body, png_bytes
-from .oracle import reference
-
-README = Path(__file__).resolve().parent.parent / "README.md"
-
-
-@pytest.mark.e2e
-async def test_the_readme_nats_example_runs(cluster: Cluster, tiny_model: Path) -> None:
-    section = README.read_text().split("## NATS-native API", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)  # the example exactly as a reader copies it
-    text = await namespace["ask"](cluster.settings.nats_url)
-    _, expected = reference(tiny_model, "Hello!", None, 16)
-    assert text == expected
 
 
 @pytest.mark.e2e
