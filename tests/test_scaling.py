@@ -74,7 +74,8 @@ def epd_up(model: Path, workdir: Path, topology: str, *flags: str, **env: str) -
 def up(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
     workdir = tmp_path_factory.mktemp("scaled")
     flags = ("--encoders", "2", "--prefills", "2", "--decoders", "2")
-    with epd_up(tiny_model, workdir, "e-p-d", *flags, EPD_ENCODE_WAIT_S="8") as base_url:
+    # one image slot per prefill worker (EPD_MAX_BATCH=1), so that two held image requests hold them all
+    with epd_up(tiny_model, workdir, "e-p-d", *flags, EPD_ENCODE_WAIT_S="8", EPD_MAX_BATCH="1") as base_url:
         yield Up(base_url, workdir, tiny_model)
 
 
