@@ -55,7 +55,7 @@ def pack_entry(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple[
     )
 
 
-def unpack_entry(value: bytes) -> tuple[torch.Tensor, list[int]]:
+def unpack_entry(value: bytes, verify: bool = True) -> tuple[torch.Tensor, list[int]]:
     if len(value) < 4:
         raise TensorIntegrityError(f"encoder-cache value of {len(value)} bytes has no header")
     (n,) = struct.unpack_from("<I", value)
@@ -63,4 +63,4 @@ def unpack_entry(value: bytes) -> tuple[torch.Tensor, list[int]]:
         meta = _meta_decoder.decode(value[4 : 4 + n])
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
         raise TensorIntegrityError(f"encoder-cache header is corrupt: {e}") from None
-    return from_bytes(memoryview(value)[4 + n :], meta.tensor), meta.grid_thw
+    return from_bytes(memoryview(value)[4 + n :], meta.tensor, verify), meta.grid_thw

@@ -10,11 +10,14 @@ from epd.schemas.common import ImageEmbedding
 
 
 class InProcessECConnector(ECConnector):
-    """An LRU of at most `capacity` embeddings."""
+    """An LRU of embeddings, at most `capacity_bytes` of them."""
 
-    def __init__(self, capacity: int = 256) -> None:
-        self._capacity = capacity
+    def __init__(self, capacity_bytes: int = 1 << 30) -> None:
+        self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[str, tuple[torch.Tensor, list[int]]] = OrderedDict()
+
+    def usage_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t, _ in self._entries.values())
 
     async def exists(self, keys: list[str]) -> list[bool]:
         return [k in self._entries for k in keys]
@@ -22,7 +25,7 @@ class InProcessECConnector(ECConnector):
     async def save(self, key: str, embedding: torch.Tensor, grid_thw: list[int]) -> ImageEmbedding:
         self._entries[key] = (embedding, list(grid_thw))
         self._entries.move_to_end(key)
-        while len(self._entries) > self._capacity:
+        while self.usage_bytes() > self.capacity_bytes and len(self._entries) > 1:  # never the one just saved
             self._entries.popitem(last=False)
         return ImageEmbedding(key=key, grid_thw=list(grid_thw))
 

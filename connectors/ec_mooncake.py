@@ -11,8 +11,8 @@ KEY_PREFIX = "epd/ec/"
 
 
 class MooncakeECConnector(ECConnector):
-    def __init__(self, store: MooncakeStore) -> None:
-        self._store = store
+    def __init__(self, store: MooncakeStore, verify: bool = True) -> None:
+        self._store, self.verify = store, verify
 
     async def exists(self, keys: list[str]) -> list[bool]:
         return await self._store.exists([KEY_PREFIX + k for k in keys])
@@ -24,4 +24,4 @@ class MooncakeECConnector(ECConnector):
 
     async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
         value = await self._store.get(KEY_PREFIX + key)
-        return None if value is None else unpack_entry(value)
+        return None if value is None else unpack_entry(value, self.verify)

@@ -16,8 +16,9 @@ KEY_PREFIX = "epd/kv/"
 
 
 class MooncakeStoreKVConnector(KVConnector):
-    def __init__(self, store: MooncakeStore, lease_wait_s: float = 0.25) -> None:
-        self._store = store
+    def __init__(self, store: MooncakeStore, lease_wait_s: float = 0.25, verify: bool = True) -> None:
+        """`verify`: check the xxh64 of what `recv` reads (`EPD_VERIFY_CHECKSUMS`)."""
+        self._store, self.verify = store, verify
         self._lease_wait_s = lease_wait_s  # reads (and existence checks) pin a key for the lease TTL
         self._pending: set[asyncio.Task] = set()
 
@@ -31,7 +32,7 @@ class MooncakeStoreKVConnector(KVConnector):
         data = await self._store.get(handle.key)
         if data is None:
             raise KVTransferError(f"KV block {handle.key} is not in the store (owner gone or evicted)")
-        return from_bytes(data, handle)
+        return from_bytes(data, handle, self.verify)
 
     async def release(self, handle: TensorHandle) -> None:
         task = asyncio.create_task(self._remove_after_lease(handle.key))

@@ -15,6 +15,7 @@ from pathlib import Path
 TOPOLOGIES = ("epd", "e-pd", "e-p-d")
 ROLES = ("encode", "prefill", "decode", "pd", "epd")
 TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
+EC_BACKENDS = ("mooncake", "shared-dir")  # the aggregated epd topology keeps embeddings in its process
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -64,6 +65,12 @@ class Settings:
     encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
     max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
     pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
+    ec_backend: str = field(default_factory=lambda: _env("EPD_EC_BACKEND", "mooncake"))
+    ec_dir: str = field(default_factory=lambda: _env("EPD_EC_DIR", ""))
+    ec_capacity_mb: float = field(default_factory=lambda: float(_env("EPD_EC_CAPACITY_MB", "4096")))
+    verify_checksums: bool = field(  # xxh64 of every embedding and KV loaded (size, shape, dtype: always)
+        default_factory=lambda: _env("EPD_VERIFY_CHECKSUMS", "on").lower() not in ("off", "0", "false")
+    )
     kv_cache_mb: float = field(default_factory=lambda: float(_env("EPD_KV_CACHE_MB", "512")))
     max_seqs: int = field(default_factory=lambda: int(_env("EPD_MAX_SEQS", "64")))
     max_batch: int = field(default_factory=lambda: int(_env("EPD_MAX_BATCH", "8")))
@@ -82,6 +89,10 @@ class Settings:
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology {self.topology!r} is not one of {', '.join(TOPOLOGIES)}")
+        if self.ec_backend not in EC_BACKENDS:
+            raise ValueError(f"encoder-cache backend {self.ec_backend!r} is not one of {', '.join(EC_BACKENDS)}")
+        if self.ec_backend == "shared-dir" and not self.ec_dir:
+            raise ValueError("EPD_EC_BACKEND=shared-dir needs EPD_EC_DIR, a directory every worker mounts")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 0 < self.port < 65536:
@@ -101,6 +112,7 @@ class Settings:
             "max_image_mb",
             "max_tokens_limit",
             "kv_cache_mb",
+            "ec_capacity_mb",
             "max_seqs",
             "max_batch",
             "image_url_timeout_s",
@@ -175,6 +187,10 @@ class Settings:
             "EPD_IMAGE_URL_HOSTS": self.image_url_hosts,
             "EPD_IMAGE_URL_TIMEOUT_S": str(self.image_url_timeout_s),
             "EPD_MAX_TOKENS": str(self.max_tokens_limit),
+            "EPD_EC_BACKEND": self.ec_backend,
+            "EPD_EC_DIR": self.ec_dir,
+            "EPD_EC_CAPACITY_MB": str(self.ec_capacity_mb),
+            "EPD_VERIFY_CHECKSUMS": "on" if self.verify_checksums else "off",
             "EPD_KV_CACHE_MB": str(self.kv_cache_mb),
             "EPD_MAX_SEQS": str(self.max_seqs),
             "EPD_MAX_BATCH": str(self.max_batch),

@@ -1,11 +1,13 @@
 """EC and KV connectors against a real Mooncake master."""
 
 import asyncio
+from pathlib import Path
 
 import pytest
 import torch
 from epd.connectors.ec_memory import InProcessECConnector
-from epd.connectors.ec_mooncake import MooncakeECConnector
+from epd.connectors.ec_mooncake import KEY_PREFIX, MooncakeECConnector
+from epd.connectors.ec_shared_dir import SharedDirECConnector
 from epd.connectors.kv import KVTransferError
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
@@ -22,9 +24,31 @@ def store(infra_settings: Settings):  # noqa: ANN201
     s.close()
 
 
-@pytest.fixture(params=["mooncake", "memory"])
-def ec(request: pytest.FixtureRequest, store: MooncakeStore):  # noqa: ANN201
-    return MooncakeECConnector(store) if request.param == "mooncake" else InProcessECConnector()
+EMBEDDING_BYTES = 12 * 64 * 2  # the suite's embeddings: (12, 64) bfloat16
+
+
+@pytest.fixture(params=["mooncake", "memory", "shared-dir"])
+def ec(request: pytest.FixtureRequest, store: MooncakeStore, tmp_path: Path):  # noqa: ANN201
+    """Every backend, bounded where it is ours to bound: room for two of the suite's embeddings and a half."""
+    if request.param == "mooncake":
+        return MooncakeECConnector(store)
+    if request.param == "memory":
+        return InProcessECConnector(int(2.5 * EMBEDDING_BYTES))
+    return SharedDirECConnector(tmp_path / "ec", int(2.5 * (EMBEDDING_BYTES + 200)))  # + a file's header
+
+
+async def vanish(ec, key: str, store: MooncakeStore) -> None:  # noqa: ANN001
+    """Take an entry away behind the connector's back, as eviction (Mooncake's, another worker's) does."""
+    if isinstance(ec, MooncakeECConnector):
+        assert await store.remove(KEY_PREFIX + key)
+    elif isinstance(ec, SharedDirECConnector):
+        ec.path(key).unlink()
+    else:
+        ec._entries.pop(key)
+
+
+def unique(name: str) -> str:
+    return f"{name}-{torch.randint(0, 10**12, ()).item()}"
 
 
 async def test_ec_save_load_exists_and_miss(ec) -> None:  # noqa: ANN001
@@ -39,6 +63,64 @@ async def test_ec_save_load_exists_and_miss(ec) -> None:  # noqa: ANN001
     assert grid == [1, 6, 8] and got.dtype == torch.bfloat16 and torch.equal(got, emb)
     await ec.save(key, emb * 2, [1, 6, 8])  # rewriting a key replaces the value
     assert torch.equal((await ec.load(key))[0], emb * 2)
+
+
+async def test_ec_an_entry_that_vanished_is_a_miss(ec, store: MooncakeStore) -> None:  # noqa: ANN001
+    key = unique("vanish")
+    await ec.save(key, torch.randn(12, 64, dtype=torch.bfloat16), [1, 6, 8])
+    await vanish(ec, key, store)
+    assert await ec.exists([key]) == [False]
+    assert await ec.load(key) is None
+
+
+@pytest.mark.parametrize("bounded", ["memory", "shared-dir"])
+async def test_ec_a_full_cache_evicts_the_least_recently_used(bounded: str, tmp_path: Path) -> None:
+    ec = (
+        InProcessECConnector(int(2.5 * EMBEDDING_BYTES))
+        if bounded == "memory"
+        else SharedDirECConnector(tmp_path / "ec", int(2.5 * (EMBEDDING_BYTES + 200)))
+    )
+    a, b, c = (torch.full((12, 64), float(i), dtype=torch.bfloat16) for i in range(3))
+    await ec.save("a", a, [1, 6, 8])
+    await asyncio.sleep(0.01)
+    await ec.save("b", b, [1, 6, 8])
+    await asyncio.sleep(0.01)
+    assert torch.equal((await ec.load("a"))[0], a)  # a used after b: b is now the least recent
+    await asyncio.sleep(0.01)
+    await ec.save("c", c, [1, 6, 8])
+    assert await ec.exists(["a", "b", "c"]) == [True, False, True]
+    assert ec.usage_bytes() <= ec.capacity_bytes
+
+
+async def test_shared_dir_writes_whole_entries_and_checks_them(tmp_path: Path) -> None:
+    ec = SharedDirECConnector(tmp_path / "ec", 1 << 30)
+    versions = [torch.full((64, 256), float(i)) for i in range(20)]
+
+    async def rewrite() -> None:
+        for v in versions:
+            await ec.save("k", v, [1, 8, 32])
+
+    async def read() -> list:
+        seen = []
+        for _ in range(60):
+            hit = await ec.load("k")
+            if hit is not None:
+                seen.append(hit[0])
+            await asyncio.sleep(0)
+        return seen
+
+    _, seen = await asyncio.gather(rewrite(), read())
+    assert seen and all(any(torch.equal(t, v) for v in versions) for t in seen)  # never a part of one
+    assert [f.name for f in (tmp_path / "ec").iterdir()] == ["k.safetensors"]  # no temporary file left
+    data = bytearray(ec.path("k").read_bytes())
+    data[-1] ^= 0xFF  # one bit of the tensor's bytes
+    ec.path("k").write_bytes(bytes(data))
+    with pytest.raises(TensorIntegrityError, match="checksum"):
+        await ec.load("k")
+    lax = SharedDirECConnector(tmp_path / "ec", 1 << 30, verify=False)
+    assert (await lax.load("k")) is not None  # EPD_VERIFY_CHECKSUMS=off reads it as it is
+    with pytest.raises(ValueError, match="plain file name"):
+        ec.path("../escape")
 
 
 async def test_kv_send_recv_release(store: MooncakeStore) -> None:
@@ -64,9 +146,29 @@ def test_integrity_checks_name_what_is_wrong() -> None:
     assert torch.equal(from_bytes(data, h), t)
     with pytest.raises(TensorIntegrityError, match="checksum"):
         from_bytes(data[:-1] + b"\x00", h)
+    assert from_bytes(data[:-1] + b"\x00", h, verify=False).shape == (2, 3)  # the flag off: bytes as they are
     with pytest.raises(TensorIntegrityError, match="bytes, handle says"):
         from_bytes(data[:-4], h)
     bad_shape = handle_for("k", t, data)
     bad_shape.shape = [4, 3]
     with pytest.raises(TensorIntegrityError, match="shape"):
         from_bytes(data, bad_shape)
+
+
+@pytest.mark.e2e
+async def test_e_p_d_on_a_shared_directory_cache_gives_generates_tokens(tiny_model: Path, tmp_path: Path) -> None:
+    from .conftest import MAX_NEW, chat_body, png_bytes, post, start_cluster
+    from .oracle import reference
+
+    shared = tmp_path / "ec-shared"
+    cluster = start_cluster(tiny_model, tmp_path / "c", "e-p-d", ec_backend="shared-dir", ec_dir=str(shared))
+    try:
+        image = png_bytes(size=(96, 72), color=(220, 200, 20), shape="circle")
+        _, expected = reference(tiny_model, "What color is the shape?", image, MAX_NEW)
+        for _ in range(2):  # encoded, then loaded from the directory
+            r = await post(cluster, chat_body("What color is the shape?", image))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected
+        assert len(list(shared.glob("*.safetensors"))) == 1  # one entry, written by the encoder
+    finally:
+        cluster.stop()

@@ -1,0 +1,103 @@
+"""EC connector on a shared directory: one safetensors file per key, on a volume every worker mounts.
+
+The reference pathway when no Mooncake master is wanted: an NFS share, a host volume
+in compose. Writes are atomic (a temporary file in the same directory, then a rename),
+so a reader sees a whole entry or none. The directory is bounded: after each save the
+least recently used files go until the total fits `capacity_bytes`; a load marks its
+file used. A file that vanished between `exists` and `load` (evicted by another
+worker) is a miss.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+
+import torch
+from epd.connectors.ec import ECConnector
+from epd.connectors.tensors import TensorIntegrityError, checksum, handle_for, to_bytes
+from epd.schemas.common import ImageEmbedding
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+SUFFIX = ".safetensors"
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+class SharedDirECConnector(ECConnector):
+    def __init__(self, root: str | Path, capacity_bytes: int, verify: bool = True) -> None:
+        """`verify`: check each entry's xxh64 (kept in its metadata) on load."""
+        self.root, self.capacity_bytes, self.verify = Path(root), capacity_bytes, verify
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, key: str) -> Path:
+        if not _SAFE_KEY.match(key) or key.startswith("."):
+            raise ValueError(f"encoder-cache key {key!r} is not a plain file name")
+        return self.root / (key + SUFFIX)
+
+    async def exists(self, keys: list[str]) -> list[bool]:
+        return [self.path(k).exists() for k in keys]
+
+    async def save(self, key: str, embedding: torch.Tensor, grid_thw: list[int]) -> ImageEmbedding:
+        return await asyncio.to_thread(self._save, key, embedding, list(grid_thw))
+
+    async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        return await asyncio.to_thread(self._load, key)
+
+    def usage_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self._entries())
+
+    def _entries(self) -> list[Path]:
+        return [f for f in self.root.iterdir() if f.name.endswith(SUFFIX) and not f.name.startswith(".")]
+
+    def _save(self, key: str, embedding: torch.Tensor, grid_thw: list[int]) -> ImageEmbedding:
+        tensor = embedding.detach().contiguous().cpu()
+        final = self.path(key)
+        temp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
+        handle = handle_for(key, tensor, to_bytes(tensor))
+        try:
+            metadata = {"grid_thw": json.dumps(grid_thw), "xxh64": str(handle.checksum)}
+            save_file({"embedding": tensor}, temp, metadata=metadata)
+            os.replace(temp, final)  # atomic: readers see the old entry or the new one, never a part
+        finally:
+            temp.unlink(missing_ok=True)
+        self._evict(keep=final)
+        return ImageEmbedding(key=key, grid_thw=grid_thw, tensor=handle)
+
+    def _load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
+        path = self.path(key)
+        try:
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
+                grid = json.loads(metadata["grid_thw"])
+                embedding = f.get_tensor("embedding")
+            os.utime(path)  # used now: the last to be evicted
+        except FileNotFoundError:
+            return None
+        except (SafetensorError, ValueError, KeyError, OSError) as e:
+            raise TensorIntegrityError(f"{path.name}: not a valid encoder-cache entry: {e!r}") from None
+        if self.verify and checksum(to_bytes(embedding)) != int(metadata["xxh64"]):
+            raise TensorIntegrityError(f"{path.name}: checksum mismatch")
+        return embedding, grid
+
+    def _evict(self, keep: Path) -> None:
+        """Remove least recently used files until the directory fits; never the entry just written."""
+        files = []
+        for f in self._entries():
+            try:
+                st = f.stat()
+            except FileNotFoundError:  # another worker evicted it meanwhile
+                continue
+            files.append((st.st_mtime_ns, st.st_size, f))
+        total = sum(size for _, size, _ in files)
+        for _, size, f in sorted(files, key=lambda e: e[0]):
+            if total <= self.capacity_bytes:
+                break
+            if f == keep:
+                continue
+            f.unlink(missing_ok=True)
+            total -= size
