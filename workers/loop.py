@@ -96,8 +96,11 @@ class StageLoop:
                 await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
                 continue
             try:
-                msgs = await sub.fetch(free, timeout=1.0)
-            except (nats.errors.TimeoutError, asyncio.TimeoutError):  # a fetch of several raises the latter
+                # One at a time, though slots are free: a pull for several would take every waiting job at
+                # once, and an idle peer none (a request's images split over encoders would all land on one).
+                # Fetching again at once, a busy worker still fills its slots, and its batches form.
+                msgs = await sub.fetch(1, timeout=1.0)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
             for msg in msgs:
                 task = asyncio.create_task(self._process(msg))
