@@ -101,6 +101,17 @@ def _accuracy(model: Any, batches: dict[str, dict[str, Any]]) -> dict[str, float
     return out
 
 
+def _update(loss: Any, opt: Any, sched: Any, params: Any) -> None:
+    """One optimizer step on `loss`, gradients clipped to norm 1."""
+    import torch
+
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    sched.step()
+
+
 def _pretrain_vision(model: Any, r: Recipe, rng: random.Random, processor: Any, log: bool) -> None:
     """Teach the vision tower color and shape directly: a linear head on its mean output token.
 
@@ -130,11 +141,7 @@ def _pretrain_vision(model: Any, r: Recipe, rng: random.Random, processor: Any, 
         loss = torch.nn.functional.cross_entropy(logits[:, : len(colors)], color) + torch.nn.functional.cross_entropy(
             logits[:, len(colors) :], kind
         )
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(visual.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, visual.parameters())
         if log and (step % 50 == 0 or step == r.vision_steps - 1):
             right = (logits[:, len(colors) :].argmax(-1) == kind).float().mean().item()
             print(
@@ -180,11 +187,7 @@ def train(out: str | Path, recipe: Recipe | None = None, log: bool = True) -> Pa
     started = time.perf_counter()
     for step in range(r.steps):
         loss = model(**_batch(rng, r.batch, tokenizer, processor, image_token_id)).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        _update(loss, opt, sched, model.parameters())
         if log and (step % 100 == 0 or step == r.steps - 1):
             acc = _accuracy(model, held_out)
             print(

@@ -8,6 +8,7 @@ import io
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -82,6 +83,27 @@ def png_bytes(size: tuple[int, int] = (100, 80), color: tuple[int, int, int] = (
     buf = io.BytesIO()
     img.save(buf, "PNG")
     return buf.getvalue()
+
+
+def pictures(images: list[bytes]) -> list[Image.Image]:
+    return [Image.open(io.BytesIO(im)).convert("RGB") for im in images]
+
+
+def engine_prompt(ckpt: Any, family: Any, question: str, images: list[bytes]) -> tuple[list[int], list]:
+    """A user turn with `images` then `question`, as prompt ids with the images encoded: the engine's inputs."""
+    from epd.schemas.common import ImagePart, Message, TextPart
+    from epd.workers.engine.prompt import build_prompt
+
+    encoded = family.encode(pictures(images)) if images else []
+    content = [ImagePart(data=im) for im in images] + [TextPart(text=question)]
+    ids = build_prompt(
+        ckpt.tokenizer,
+        ckpt.chat_template,
+        [Message(role="user", content=content)],
+        [family.image_tokens(e.grid_thw) for e in encoded],
+        family.image_token_id,
+    )
+    return ids, encoded
 
 
 def data_url(data: bytes) -> str:

@@ -6,24 +6,22 @@ Both families, without NATS: the same code the workers run, against transformers
 from __future__ import annotations
 
 import asyncio
-import io
 from pathlib import Path
 
 import pytest
 import torch
-from epd.schemas.common import ImagePart, Message, SamplingParams, TextPart
+from epd.schemas.common import SamplingParams
 from epd.workers.decode_batch import DecodeBatch
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
-from epd.workers.engine.family import Encoded, Family
+from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
-from epd.workers.engine.prompt import build_prompt
 from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Load
-from PIL import Image
 
-from .conftest import png_bytes
+from .conftest import engine_prompt as prompt
+from .conftest import pictures, png_bytes
 from .oracle import reference
 
 pytestmark = pytest.mark.unit
@@ -46,23 +44,6 @@ def engine(request: pytest.FixtureRequest, tiny_model: Path, tiny_qwen2_5_vl: Pa
     ckpt = Checkpoint.open(path)
     assert ckpt.family == request.param
     return path, ckpt, load_family(ckpt)
-
-
-def pictures(images: list[bytes]) -> list[Image.Image]:
-    return [Image.open(io.BytesIO(im)).convert("RGB") for im in images]
-
-
-def prompt(ckpt: Checkpoint, family: Family, question: str, images: list[bytes]) -> tuple[list[int], list[Encoded]]:
-    encoded = family.encode(pictures(images)) if images else []
-    content = [ImagePart(data=im) for im in images] + [TextPart(text=question)]
-    ids = build_prompt(
-        ckpt.tokenizer,
-        ckpt.chat_template,
-        [Message(role="user", content=content)],
-        [family.image_tokens(e.grid_thw) for e in encoded],
-        family.image_token_id,
-    )
-    return ids, encoded
 
 
 def new_batch(ckpt: Checkpoint, family: Family, mb: float = 4, max_seqs: int = 8, cancelled: set | None = None):  # noqa: ANN201

@@ -14,7 +14,7 @@ from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
 from PIL import Image
 
-from .conftest import png_bytes
+from .conftest import engine_prompt, png_bytes
 from .oracle import reference
 
 pytestmark = pytest.mark.unit
@@ -27,15 +27,7 @@ def engine(tiny_model: Path):  # noqa: ANN201
 
 
 def run_greedy(ckpt, family, question: str, image: bytes | None, max_new: int) -> list[int]:  # noqa: ANN001
-    content = ([ImagePart(data=image)] if image else []) + [TextPart(text=question)]
-    encoded = family.encode([Image.open(io.BytesIO(image)).convert("RGB")]) if image else []
-    ids = build_prompt(
-        ckpt.tokenizer,
-        ckpt.chat_template,
-        [Message(role="user", content=content)],
-        [family.image_tokens(e.grid_thw) for e in encoded],
-        family.image_token_id,
-    )
+    ids, encoded = engine_prompt(ckpt, family, question, [image] if image else [])
     out = family.prefill(ids, encoded)
     tokens = [int(torch.argmax(out.logits))]
     cache = PagedKVCache(family.kv_layout(), 1 << 20)
