@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 async def run_worker(role: str, settings: Settings) -> None:
     provider = setup_tracing(f"epd-{role}", settings)
     ckpt = Checkpoint.open(settings.model)
-    parts = weights_for(role, settings)
-    family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype, parts)
+    weights = weights_for(role, settings)  # the half of the model this role runs, or all of it
+    family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype, weights)
     rt = await Runtime.start(settings, name=f"epd-{role}")
     parts = build_role(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in parts.stages]
@@ -39,7 +39,14 @@ async def run_worker(role: str, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
-    log.info("worker %s (%s) ready: model %s, metrics %s", role, heartbeat.worker_id, settings.model, metrics_url)
+    log.info(
+        "worker %s (%s) ready: model %s (weights: %s), metrics %s",
+        role,
+        heartbeat.worker_id,
+        settings.model,
+        weights,
+        metrics_url,
+    )
     beating = asyncio.create_task(heartbeat.run(stopping))
     background = [asyncio.create_task(task(stopping)) for task in parts.background]
     try:
