@@ -21,8 +21,8 @@ import torch
 from epd.connectors.ec import ECConnector
 from epd.connectors.tensors import TensorIntegrityError, checksum, handle_for, to_bytes
 from epd.schemas.common import ImageEmbedding
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, save_file
 
 SUFFIX = ".safetensors"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
@@ -71,14 +71,19 @@ class SharedDirECConnector(ECConnector):
     def _load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
         path = self.path(key)
         try:
-            with safe_open(path, framework="pt") as f:
-                metadata = f.metadata() or {}
-                grid = json.loads(metadata["grid_thw"])
-                embedding = f.get_tensor("embedding")
+            # One read of one open file: a concurrent rewrite renames a new file in, and reading by path
+            # twice (header, then data) could mix two versions.
+            with open(path, "rb") as f:
+                data = f.read()
             os.utime(path)  # used now: the last to be evicted
         except FileNotFoundError:
             return None
-        except (SafetensorError, ValueError, KeyError, OSError) as e:
+        try:
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            metadata = header["__metadata__"]
+            grid = json.loads(metadata["grid_thw"])
+            embedding = load(data)["embedding"]
+        except (SafetensorError, ValueError, KeyError) as e:
             raise TensorIntegrityError(f"{path.name}: not a valid encoder-cache entry: {e!r}") from None
         if self.verify and checksum(to_bytes(embedding)) != int(metadata["xxh64"]):
             raise TensorIntegrityError(f"{path.name}: checksum mismatch")
