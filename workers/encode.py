@@ -43,8 +43,11 @@ class ImageEncoder:
         # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent.
         present = await self.ec.exists([job.keys[i] for i in job.missing])
         missing = [i for i, there in zip(job.missing, present, strict=True) if not there]
-        elsewhere = {i: self._inflight[job.keys[i]] for i in missing if job.keys[i] in self._inflight}
-        mine = {i: asyncio.get_running_loop().create_future() for i in missing if i not in elsewhere}
+        first: dict[str, int] = {}  # key -> its first image in this request: one encode per key
+        for i in missing:
+            first.setdefault(job.keys[i], i)
+        elsewhere = {i: self._inflight[k] for k, i in first.items() if k in self._inflight}
+        mine = {i: asyncio.get_running_loop().create_future() for i in first.values() if i not in elsewhere}
         self._inflight.update({job.keys[i]: f for i, f in mine.items()})
         saved = False
         try:
@@ -63,6 +66,8 @@ class ImageEncoder:
                 refs[i] = ref
         if again:
             await self._encode_and_save(job, again, refs)
+        for i in missing:  # the same image again in this request: its first one's embedding
+            refs[i] = refs[first[job.keys[i]]]
         return refs
 
     async def _encode_and_save(self, job: EncodeJob, missing: list[int], refs: list[ImageEmbedding]) -> None:
