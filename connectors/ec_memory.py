@@ -15,18 +15,23 @@ class InProcessECConnector(ECConnector):
     def __init__(self, capacity_bytes: int = 1 << 30) -> None:
         self.capacity_bytes = capacity_bytes
         self._entries: OrderedDict[str, tuple[torch.Tensor, list[int]]] = OrderedDict()
+        self._bytes = 0  # kept as entries come and go: a save does not sum the whole cache
 
     def usage_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t, _ in self._entries.values())
+        return self._bytes
 
     async def exists(self, keys: list[str]) -> list[bool]:
         return [k in self._entries for k in keys]
 
     async def save(self, key: str, embedding: torch.Tensor, grid_thw: list[int]) -> ImageEmbedding:
-        self._entries[key] = (embedding, list(grid_thw))
-        self._entries.move_to_end(key)
-        while self.usage_bytes() > self.capacity_bytes and len(self._entries) > 1:  # never the one just saved
-            self._entries.popitem(last=False)
+        old = self._entries.pop(key, None)
+        if old is not None:
+            self._bytes -= _nbytes(old[0])
+        self._entries[key] = (embedding, list(grid_thw))  # the most recent, at the end
+        self._bytes += _nbytes(embedding)
+        while self._bytes > self.capacity_bytes and len(self._entries) > 1:  # never the one just saved
+            _, (evicted, _) = self._entries.popitem(last=False)
+            self._bytes -= _nbytes(evicted)
         return ImageEmbedding(key=key, grid_thw=list(grid_thw))
 
     async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
@@ -34,3 +39,7 @@ class InProcessECConnector(ECConnector):
         if entry is not None:
             self._entries.move_to_end(key)
         return entry
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

@@ -44,15 +44,13 @@ class Recipe:
     vision_lr: float = 1e-3
 
 
-def _prompt(tokenizer: Any, question: str, image_tokens: int) -> list[int]:
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
-        chat_template=CHAT_TEMPLATE,
-        tokenize=False,
-        add_generation_prompt=True,
-    )
-    text = text.replace("<|image_pad|>", "<|image_pad|>" * image_tokens)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+def _prompt(tokenizer: Any, question: str, image_tokens: int, image_token_id: int) -> list[int]:
+    """The prompt ids serving builds for one picture and `question` (the same template, the same code)."""
+    from epd.schemas.common import ImagePart, Message, TextPart
+    from epd.workers.engine.prompt import build_prompt
+
+    turn = Message(role="user", content=[ImagePart(data=b""), TextPart(text=question)])
+    return build_prompt(tokenizer, CHAT_TEMPLATE, [turn], [image_tokens], image_token_id)
 
 
 def _batch(
@@ -68,7 +66,7 @@ def _batch(
     rows, labels = [], []
     for p, grid in zip(pictures, pix["image_grid_thw"].tolist(), strict=True):
         question = rng.choice(questions)
-        prompt = _prompt(tokenizer, question, grid[0] * grid[1] * grid[2] // 4)
+        prompt = _prompt(tokenizer, question, grid[0] * grid[1] * grid[2] // 4, image_token_id)
         answer = tokenizer(p.answer(question), add_special_tokens=False)["input_ids"] + [end]
         rows.append(prompt + answer)
         labels.append([-100] * len(prompt) + answer)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from epd.workers.engine.family import Family
-from epd.workers.engine.kv_cache import PagedKVCache, StepView
+from epd.workers.engine.kv_cache import PagedKVCache, StepView, table_rows
 
 
 def bucket(n: int, cap: int | None = None) -> int:
@@ -51,11 +51,10 @@ class GraphedSteps:
     ) -> torch.Tensor:
         """(len(tokens), vocab) logits: one step of these sequences, as `Family.decode_step` computes it."""
         n = len(tokens)
-        need = max(self.cache.blocks_for(length + 1) for length in lengths)
-        g = self._graph(bucket(n, self.max_seqs), bucket(need))
+        g = self._graph(bucket(n, self.max_seqs), bucket(self.cache.step_width(lengths)))
         batch, width = g.tables.shape
         pad = batch - n
-        rows = [t[:width] + [self.scratch] * (width - len(t[:width])) for t in tables] + [[self.scratch] * width] * pad
+        rows = table_rows(tables + [[]] * pad, width, fill=self.scratch)
         g.tokens.copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
         g.positions.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
         g.tables.copy_(torch.tensor(rows), non_blocking=True)

@@ -2,7 +2,8 @@
 
 `encode(images) -> embeddings`, `prefill_batch([(ids, embeddings)]) -> [KV, logits]`,
 `decode_step(tokens, positions, view) -> logits`. The project owns the KV cache and
-the batching (`kv_cache.py`, `workers/batching.py`); transformers owns the layers.
+the batching (`kv_cache.py`, `workers/micro_batch.py`, `workers/decode_batch.py`);
+transformers owns the layers.
 
 The language-model half is the same for every Qwen-VL family: their text models take
 the same inputs (embeddings with image features in place of the image tokens, M-RoPE

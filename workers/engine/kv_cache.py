@@ -89,12 +89,20 @@ class PagedKVCache:
         layers, _, n, heads, block, dim = both.shape
         return both.permute(0, 1, 3, 2, 4, 5).reshape(layers, 2, heads, n * block, dim)[:, :, :, :tokens]
 
+    def step_width(self, lengths: list[int]) -> int:
+        """Blocks the longest of these sequences needs after one more token."""
+        return max(self.blocks_for(n + 1) for n in lengths)
+
     def step_view(self, tables: list[list[int]], lengths: list[int]) -> StepView:
         """The cache as one decode step of these sequences sees it; `lengths`: tokens each holds now."""
-        width = max(self.blocks_for(n + 1) for n in lengths)  # blocks the longest sequence needs after the step
         device = self.layout.device
-        rows = torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in tables], device=device)
+        rows = torch.tensor(table_rows(tables, self.step_width(lengths), fill=0), device=device)
         return StepView(self, rows, torch.tensor(lengths, device=device))
+
+
+def table_rows(tables: list[list[int]], width: int, fill: int) -> list[list[int]]:
+    """Each block table cut or padded to `width` with `fill` (never attended to: the mask hides it)."""
+    return [t[:width] + [fill] * (width - len(t[:width])) for t in tables]
 
 
 class StepView:
