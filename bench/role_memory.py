@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -49,9 +50,8 @@ def rss_after_loading(role: str, inline: str, path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from epd.ops.tiny_model import build_tiny_qwen2_vl
+    from epd.ops.tiny_model import build_tiny_qwen2_vl, reshard
     from safetensors import safe_open
-    from transformers import AutoModelForImageTextToText
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--hidden", type=int, default=1024)
@@ -63,20 +63,13 @@ def main(argv: list[str] | None = None) -> int:
         single = build_tiny_qwen2_vl(
             Path(tmp) / "single", hidden=args.hidden, layers=args.layers, vision_width=args.vision_width
         )
-        sharded = Path(tmp) / "sharded"
-        AutoModelForImageTextToText.from_pretrained(single).save_pretrained(sharded, max_shard_size="64MB")
-        for f in single.iterdir():
-            if not f.name.startswith("model") and not (sharded / f.name).exists():
-                (sharded / f.name).write_bytes(f.read_bytes())
+        sharded = reshard(single, Path(tmp) / "sharded", "64MB")
         shards = sorted(f.name for f in sharded.glob("model-*.safetensors"))
         weights = {"vision": 0, "language": 0}
         for shard in shards:
             with safe_open(sharded / shard, framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118
-                    n = f.get_slice(key).get_shape()
-                    size = 4
-                    for d in n:
-                        size *= d
+                    size = 4 * math.prod(f.get_slice(key).get_shape())  # float32
                     weights["vision" if key.startswith("visual.") else "language"] += size
         base = rss_after_loading("none", "fallback", sharded)
         rows = []

@@ -195,3 +195,15 @@ def build_tiny_qwen2_vl(
             if p.ndim >= 2:
                 p.normal_(0.0, 0.2)
     return save_checkpoint(model, out, min_pixels=28 * 28 * 4, max_pixels=28 * 28 * 64)
+
+
+def reshard(src: Path, dst: Path, max_shard_size: str) -> Path:
+    """`src` again at `dst` with its weights in shards of at most `max_shard_size` and an index,
+    as large checkpoints come; the tokenizer, processor and template files are copied."""
+    from transformers import AutoModelForImageTextToText
+
+    AutoModelForImageTextToText.from_pretrained(src).save_pretrained(dst, max_shard_size=max_shard_size)
+    for f in Path(src).iterdir():
+        if not f.name.startswith("model") and not (dst / f.name).exists():
+            (dst / f.name).write_bytes(f.read_bytes())
+    return dst

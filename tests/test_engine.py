@@ -116,14 +116,10 @@ def test_a_sharded_checkpoint_loads_and_each_half_alone_computes_what_the_whole_
     tiny_model: Path,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
-    from transformers import AutoModelForImageTextToText
+    from epd.ops.tiny_model import reshard
 
     ckpt, full = engine
-    sharded = tmp_path / "sharded"
-    AutoModelForImageTextToText.from_pretrained(tiny_model).save_pretrained(sharded, max_shard_size="300KB")
-    for f in tiny_model.iterdir():  # tokenizer, image processor, chat template
-        if not f.name.startswith("model") and not (sharded / f.name).exists():
-            (sharded / f.name).write_bytes(f.read_bytes())
+    sharded = reshard(tiny_model, tmp_path / "sharded", "300KB")
     assert (sharded / "model.safetensors.index.json").exists() and len(list(sharded.glob("model-*"))) > 2
     vision = load_family(Checkpoint.open(sharded), parts="vision")
     language = load_family(Checkpoint.open(sharded), parts="language")
