@@ -110,8 +110,10 @@ def data_url(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def chat_body(question: str, image: bytes | None = None, **extra: object) -> dict:
-    content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(image)}}] if image else []
+def chat_body(question: str, image: bytes | list[bytes] | None = None, **extra: object) -> dict:
+    """A chat request: the image (or images, in order) then the question."""
+    images = [image] if isinstance(image, bytes) else image or []
+    content: list[dict] = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
     content.append({"type": "text", "text": question})
     return {
         "model": "tiny-qwen2-vl",

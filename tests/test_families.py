@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from epd.ops.up import Cluster
 
-from .conftest import chat_body, data_url, png_bytes, post, start_cluster
+from .conftest import chat_body, png_bytes, post, start_cluster
 from .oracle import reference
 
 pytestmark = pytest.mark.e2e
@@ -26,14 +26,6 @@ def qwen25(
     c = start_cluster(tiny_qwen2_5_vl, tmp_path_factory.mktemp(f"q25-{request.param}"), request.param)
     yield c
     c.stop()
-
-
-def images_chat(question: str, images: list[bytes], model: str, max_tokens: int) -> dict:
-    """A chat request with `images` (any number) before the question."""
-    body = chat_body(question, model=model, max_tokens=max_tokens)
-    parts = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-    body["messages"][0]["content"][:0] = parts
-    return body
 
 
 async def answer(cluster: Cluster, body: dict) -> str:
@@ -52,7 +44,7 @@ async def test_qwen25_image_text_and_two_image_requests_match_generate(qwen25: C
     ]
     for question, images in cases:
         _, expected = reference(tiny_qwen2_5_vl, question, images or None, 12)
-        assert await answer(qwen25, images_chat(question, images, MODEL, 12)) == expected, question
+        assert await answer(qwen25, chat_body(question, images, model=MODEL, max_tokens=12)) == expected, question
 
 
 async def test_qwen25_requests_sharing_batches_each_get_generates_tokens(
@@ -73,6 +65,6 @@ async def concurrent_requests_match_generate(cluster: Cluster, model_dir: Path, 
 
     async def one(i: int) -> str:
         await asyncio.sleep(0.03 * i)  # staggered: later ones join batches already running
-        return await answer(cluster, images_chat(*cases[i][:2], model, cases[i][2]))
+        return await answer(cluster, chat_body(*cases[i][:2], model=model, max_tokens=cases[i][2]))
 
     assert await asyncio.gather(*(one(i) for i in range(len(cases)))) == expected

@@ -23,7 +23,7 @@ from epd.ops.status_view import gather_status
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.schemas import subjects
 
-from .conftest import chat_body, data_url, png_bytes
+from .conftest import chat_body, png_bytes
 from .oracle import reference
 
 pytestmark = pytest.mark.e2e
@@ -90,10 +90,7 @@ async def test_every_worker_of_every_pool_is_live(up: Up) -> None:
 
 async def test_one_requests_images_are_encoded_in_parallel(up: Up) -> None:
     images = [png_bytes(size=(70 + 20 * i, 84), color=(200, 40 * i, 30), shape="circle") for i in range(2)]
-    content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-    body = {**chat_body("What color is the shape?"), "messages": [{"role": "user", "content": content}]}
-    body["messages"][0]["content"].append({"type": "text", "text": "What color is the shape?"})
-    r = await up.post(body)
+    r = await up.post(chat_body("What color is the shape?", images))
     assert r.status_code == 200, r.text
     expected = reference(up.model, "What color is the shape?", images, 12)[1]
     assert r.json()["choices"][0]["message"]["content"] == expected

@@ -104,10 +104,8 @@ async def test_requests_sharing_batches_each_get_generates_tokens(cluster, tiny_
 
 
 async def test_one_image_twice_in_a_request_matches_generate(cluster, tiny_model: Path) -> None:  # noqa: ANN001
-    from .test_families import images_chat
-
     image = png_bytes(size=(84, 66), color=(120, 30, 200), shape="circle")  # new to the cache: encoded here
     _, expected = reference(tiny_model, "Describe the image.", [image, image], MAX_NEW)
-    r = await post(cluster, images_chat("Describe the image.", [image, image], "tiny-qwen2-vl", MAX_NEW))
+    r = await post(cluster, chat_body("Describe the image.", [image, image]))
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == expected
