@@ -75,8 +75,11 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:
-        first = e.errors()[0] if e.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        # of a union's failed branches, the one that got deepest says what was wrong
+        errors = e.errors()
+        first = max(errors, key=lambda err: len(err.get("loc", ()))) if errors else {}
+        # without the branch labels pydantic puts in a location ("list[...]", "function-after[...]")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body" and "[" not in str(p))
         err = ApiError(400, f"invalid request: {where}: {first.get('msg', 'malformed body')}", param=where or None)
         metrics.REQUESTS.labels("", "400").inc()
         return JSONResponse(err.body(), status_code=400)

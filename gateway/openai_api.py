@@ -9,20 +9,32 @@ from typing import Annotated, Literal
 
 from epd.schemas.common import FinishReason, ImagePart, Message, SamplingParams, TextPart, Usage
 from epd.schemas.request import Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from .errors import ApiError
 from .image_urls import ImageUrls
 
 
+def _encodable(text: str) -> str:
+    """JSON may escape a lone UTF-16 surrogate (`"\\ud800"`); it is no character and cannot travel as UTF-8."""
+    try:
+        text.encode()
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode: a lone surrogate {text[e.start]!r} at character {e.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+
+
 class ImageUrl(BaseModel):
-    url: str
-    detail: str | None = None
+    url: Text
+    detail: Text | None = None
 
 
 class TextContent(BaseModel):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ImageContent(BaseModel):
@@ -32,7 +44,7 @@ class ImageContent(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str | list[TextContent | ImageContent]
+    content: Text | list[Annotated[TextContent | ImageContent, Field(discriminator="type")]]
 
 
 class StreamOptions(BaseModel):
@@ -44,7 +56,7 @@ class GenerationOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    model: str
+    model: Text
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)  # an extension (as in vLLM): 0 or -1 keeps every token
@@ -53,7 +65,7 @@ class GenerationOptions(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = 1
     ignore_eos: bool = False  # an extension (as in vLLM): run to max_tokens
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(default=None, max_length=64)  # vLLM's
 
     def sampling(self, max_tokens: int) -> SamplingParams:
@@ -180,10 +192,10 @@ TEXT = Shape("/v1/completions", "text_completion", "text_completion", "text_comp
 class CompletionRequest(GenerationOptions):
     """`POST /v1/completions`: a raw prompt, no chat template."""
 
-    prompt: str | list[str]
+    prompt: Text | list[Text]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for this API
     echo: bool = False
-    suffix: str | None = None
+    suffix: Text | None = None
     logprobs: int | None = None
 
 

@@ -115,6 +115,16 @@ async def test_limits_answer_413_and_400_and_the_server_serves_on(cluster: Clust
         assert thin.status_code == 400 and "aspect ratio" in thin.json()["error"]["message"]  # the processor's rule
         r = await client.post("/v1/chat/completions", json={**chat_body("Long?"), "max_tokens": s.max_tokens_limit + 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        # JSON can escape a lone surrogate, which is no character: the field that holds one is named
+        for route, body, field in (
+            ("/v1/completions", {"model": "m", "prompt": "a\ud800b"}, "prompt"),
+            ("/v1/completions", {"model": "m", "prompt": ["x"], "stop": ["\udc00"]}, "stop.0"),
+            ("/v1/chat/completions", chat_body("\udfff?", png_bytes(size=(40, 40))), "messages.0.content.1.text.text"),
+        ):
+            raw = json.dumps(body).encode()  # ASCII: the surrogate travels as an escape
+            r = await client.post(route, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+            assert "lone surrogate" in r.json()["error"]["message"]
         ok = await client.post("/v1/chat/completions", json=chat_body("Still there?"))
         assert ok.status_code == 200
 
