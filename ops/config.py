@@ -15,6 +15,7 @@ from pathlib import Path
 TOPOLOGIES = ("epd", "e-pd", "e-p-d")
 ROLES = ("encode", "prefill", "decode", "pd", "epd")
 TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
+KV_TRANSFERS = ("direct", "store")  # prefill writes into the decoder's memory, or through Mooncake Store
 EC_BACKENDS = ("mooncake", "shared-dir")  # the aggregated epd topology keeps embeddings in its process
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,6 +73,9 @@ class Settings:
         default_factory=lambda: _env("EPD_VERIFY_CHECKSUMS", "on").lower() not in ("off", "0", "false")
     )
     kv_cache_mb: float = field(default_factory=lambda: float(_env("EPD_KV_CACHE_MB", "512")))
+    kv_transfer: str = field(default_factory=lambda: _env("EPD_KV_TRANSFER", "direct"))
+    kv_buffer_mb: float = field(default_factory=lambda: float(_env("EPD_KV_BUFFER_MB", "256")))
+    kv_reserve_timeout_s: float = field(default_factory=lambda: float(_env("EPD_KV_RESERVE_TIMEOUT_S", "30")))
     max_seqs: int = field(default_factory=lambda: int(_env("EPD_MAX_SEQS", "64")))
     max_batch: int = field(default_factory=lambda: int(_env("EPD_MAX_BATCH", "8")))
     max_tokens_limit: int = field(default_factory=lambda: int(_env("EPD_MAX_TOKENS", "4096")))
@@ -93,6 +97,8 @@ class Settings:
             raise ValueError(f"encoder-cache backend {self.ec_backend!r} is not one of {', '.join(EC_BACKENDS)}")
         if self.ec_backend == "shared-dir" and not self.ec_dir:
             raise ValueError("EPD_EC_BACKEND=shared-dir needs EPD_EC_DIR, a directory every worker mounts")
+        if self.kv_transfer not in KV_TRANSFERS:
+            raise ValueError(f"KV transfer {self.kv_transfer!r} is not one of {', '.join(KV_TRANSFERS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 0 < self.port < 65536:
@@ -112,6 +118,8 @@ class Settings:
             "max_image_mb",
             "max_tokens_limit",
             "kv_cache_mb",
+            "kv_buffer_mb",
+            "kv_reserve_timeout_s",
             "ec_capacity_mb",
             "max_seqs",
             "max_batch",
@@ -192,6 +200,9 @@ class Settings:
             "EPD_EC_CAPACITY_MB": str(self.ec_capacity_mb),
             "EPD_VERIFY_CHECKSUMS": "on" if self.verify_checksums else "off",
             "EPD_KV_CACHE_MB": str(self.kv_cache_mb),
+            "EPD_KV_TRANSFER": self.kv_transfer,
+            "EPD_KV_BUFFER_MB": str(self.kv_buffer_mb),
+            "EPD_KV_RESERVE_TIMEOUT_S": str(self.kv_reserve_timeout_s),
             "EPD_MAX_SEQS": str(self.max_seqs),
             "EPD_MAX_BATCH": str(self.max_batch),
             "EPD_MAX_INFLIGHT": str(self.max_inflight),

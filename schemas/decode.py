@@ -14,3 +14,27 @@ class KVReady(Struct, tag="epd.kv_ready.v1"):
     first_token: int  # already sent to the client as chunk 0
     rope_delta: int  # M-RoPE: decode position = text position + rope_delta
     kv: TensorHandle  # (layers, 2, kv_heads, prompt_tokens, head_dim), one contiguous block
+
+
+class KVReserve(Struct, tag="epd.kv_reserve.v1"):
+    """Prefill -> one decoder (NATS request-reply): room for a request's KV, before prefill computes it."""
+
+    request_id: str
+    nbytes: int
+
+
+class KVGrant(Struct, tag="epd.kv_grant.v1"):
+    """The decoder's answer: where to write (`granted`), or why not."""
+
+    granted: bool
+    grant_id: str = ""
+    session: str = ""  # the decoder's TransferEngine segment (host:port)
+    address: int = 0  # where the KV's first byte goes in that segment
+    ttl_s: float = 0.0  # the room is freed this long after the grant unless the KV is loaded first
+    reason: str = ""
+
+
+class KVRelease(Struct, tag="epd.kv_release.v1"):
+    """Prefill -> the decoder (fire and forget): the granted room will not be written."""
+
+    grant_id: str

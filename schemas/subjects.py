@@ -18,6 +18,11 @@ def decode_for(worker_id: str) -> str:
     return f"{DECODE}.to.{worker_id}"
 
 
+def kv_reserve_for(worker_id: str) -> str:
+    """Core NATS (no stream): a decoder grants room for a request's KV, or frees it (`KVReserve`, `KVRelease`)."""
+    return f"{PREFIX}.kv.reserve.{worker_id}"
+
+
 # stream name -> its subjects; one durable work-queue stream per stage
 STREAMS = {"EPD_ENCODE": [ENCODE], "EPD_PREFILL": [PREFILL, PREFILL_TEXT], "EPD_DECODE": [DECODE, decode_for("*")]}
 

@@ -11,7 +11,8 @@ import time
 from dataclasses import dataclass
 
 import torch
-from epd.connectors.kv import KVConnector
+from epd.connectors.kv import KVConnector, KVTransferError
+from epd.connectors.tensors import TensorIntegrityError
 from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
@@ -24,6 +25,7 @@ from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.stops import StopStrings
+from epd.workers.errors import RequestFailed
 from epd.workers.runtime import Runtime
 
 
@@ -112,9 +114,15 @@ class DecodeStage:
 
     async def handle(self, job: KVReady) -> None:
         with tracer().start_as_current_span("kv.recv", attributes={"epd.bytes": job.kv.nbytes}):
-            kv = await self.kv.recv(job.kv)
+            try:
+                kv = await self.kv.recv(job.kv)
+            except KVTransferError as e:  # its prefill is done and gone: the client may retry
+                raise RequestFailed(503, f"the request's KV cache is lost: {e}", "server_error") from None
+            except TensorIntegrityError as e:
+                raise RequestFailed(500, f"the request's KV cache is corrupt: {e}", "server_error") from None
+            finally:
+                await self.kv.release(job.kv)
         metrics.CONNECTOR_BYTES.labels("kv", "load").inc(job.kv.nbytes)
-        await self.kv.release(job.kv)
         gen = Generation(
             request_id=job.request_id,
             reply_to=job.reply_to,

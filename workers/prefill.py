@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import logging
+from typing import Protocol
 
 from epd.connectors.ec import ECConnector
 from epd.connectors.kv import KVConnector
+from epd.connectors.kv_direct import KVSender, LayerWriter
+from epd.connectors.transfer_engine import TransferError
 from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
@@ -22,17 +25,28 @@ from epd.workers.encode import ImageEncoder
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import Encoded, Family, Prefilled
+from epd.workers.engine.kv_cache import KVLayout
 from epd.workers.engine.prompt import PromptError, build_prompt
 from epd.workers.engine.sampling import sample
 from epd.workers.engine.stops import StopStrings
 from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
+from opentelemetry.trace import Status, StatusCode
+
+log = logging.getLogger(__name__)
 
 PREFILL_BATCH_TOKENS = 16384
 
-# After prefill: (generation, prefill output) -> decoding continues somewhere.
-Handoff = Callable[[Generation, Prefilled], Awaitable[None]]
+
+class Handoff(Protocol):
+    """Where decoding continues after prefill."""
+
+    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> LayerWriter | None:
+        """Before the forward: a writer that ships each layer's KV as it is computed, or None."""
+
+    async def __call__(self, gen: Generation, out: Prefilled, writer: LayerWriter | None) -> None:
+        """After the first token: hand the request over (`writer` is what `open` gave)."""
 
 
 class PrefillStage:
@@ -57,12 +71,15 @@ class PrefillStage:
         self.encoder = ImageEncoder(family, ec, rt.settings.max_batch)  # inline encoding
         # padded tokens in one forward at most: a long prompt is not batched with short ones
         self.batcher = MicroBatcher(
-            family.prefill_batch,
+            self._forward,
             rt.settings.max_batch,
             "prefill",
-            cost=lambda prompts: len(prompts) * max(len(ids) for ids, _ in prompts),
+            cost=lambda prompts: len(prompts) * max(len(ids) for ids, _, _ in prompts),
             max_cost=PREFILL_BATCH_TOKENS,
         )
+
+    def _forward(self, prompts: list[tuple[list[int], list[Encoded], LayerWriter | None]]) -> list[Prefilled]:
+        return self.family.prefill_batch([(ids, images) for ids, images, _ in prompts], [w for *_, w in prompts])
 
     async def handle(self, job: PrefillJob | EmbeddingReady) -> None:
         req = job.request
@@ -89,15 +106,25 @@ class PrefillStage:
             raise RequestFailed(400, str(e)) from None
         if len(ids) >= self.max_len:
             raise RequestFailed(400, f"prompt is {len(ids)} tokens; the model's maximum length is {self.max_len}")
+        writer = await self.handoff.open(req.request_id, len(ids), req.sampling.max_tokens)
+        try:
+            await self._prefill(req, ids, images, writer)
+            writer = None  # handed over
+        finally:
+            if writer is not None:
+                await writer.abort()
+
+    async def _prefill(self, req: Request, ids: list[int], images: list[Encoded], writer: LayerWriter | None) -> None:
         with tracer().start_as_current_span(
             "prefill.forward",
             attributes={
                 "gen_ai.request.model": req.model,
                 "gen_ai.usage.input_tokens": len(ids),
                 "epd.images": len(images),
+                "epd.kv_layerwise": writer is not None,
             },
         ) as span:
-            out, batch = await self.batcher.submit((ids, images))
+            out, batch = await self.batcher.submit((ids, images, writer))
             span.set_attribute("epd.batch", batch)
         first = sample(out.logits, req.sampling, len(ids))
         gen = Generation(
@@ -113,7 +140,9 @@ class PrefillStage:
         reply = chunk(gen, 0, first, reason)
         await self.rt.reply(req.reply_to, reply)
         if reply.finish_reason is None:
-            await self.handoff(gen, out)
+            await self.handoff(gen, out, writer)
+        elif writer is not None:
+            await writer.abort()
 
     async def _embeddings(self, job: PrefillJob | EmbeddingReady) -> list[Encoded] | None:
         """Every image's embedding, from the cache or encoded inline; None if re-routed to encoders."""
@@ -173,35 +202,73 @@ class PrefillStage:
         return missing
 
 
-def remote_decode(rt: Runtime, kv: KVConnector, picker: DecoderPicker) -> Handoff:
-    """e-p-d: ship the KV through the connector and tell the decoder with the most free KV (any, if none known)."""
+class RemoteDecode:
+    """e-p-d: the KV goes to the decoder with the most free KV (any, if none is known).
 
-    async def handoff(gen: Generation, out: Prefilled) -> None:
-        nbytes = out.kv.numel() * out.kv.element_size()
-        with tracer().start_as_current_span("kv.send", attributes={"epd.bytes": nbytes, "epd.layers": out.kv.shape[0]}):
-            handle = await kv.send(gen.request_id, out.kv)
-        metrics.CONNECTOR_BYTES.labels("kv", "save").inc(nbytes)
+    Direct (`EPD_KV_TRANSFER=direct`): that decoder grants room before the forward, and each
+    layer is written into it as it is computed. Otherwise, or when the direct path fails, the
+    KV goes through the store, which any decoder can load.
+    """
+
+    def __init__(
+        self, rt: Runtime, layout: KVLayout, store: KVConnector, picker: DecoderPicker, direct: KVSender | None
+    ) -> None:
+        self.rt, self.layout, self.store, self.picker, self.direct = rt, layout, store, picker, direct
+
+    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> LayerWriter | None:
+        if self.direct is None:
+            return None
+        target = await self.picker.choose(prompt_tokens + max_tokens)
+        if target is None:
+            return None
+        lay = self.layout
+        shape = (lay.layers, 2, lay.kv_heads, prompt_tokens, lay.head_dim)
+        with tracer().start_as_current_span("kv.reserve", attributes={"epd.decoder": target}) as span:
+            writer = await self.direct.open(target, request_id, shape, lay.dtype)
+            span.set_attribute("epd.granted", writer is not None)
+        return writer
+
+    async def __call__(self, gen: Generation, out: Prefilled, writer: LayerWriter | None) -> None:
+        handle, target = None, None
+        if writer is not None:
+            with tracer().start_as_current_span(
+                "kv.send", attributes={"epd.bytes": writer.nbytes, "epd.layers": writer.shape[0], "epd.path": "direct"}
+            ) as span:
+                try:
+                    handle, target = await writer.finish(), writer.decoder_id
+                except TransferError as e:  # the store path below, to any decoder
+                    span.set_status(Status(StatusCode.ERROR, str(e)))
+                    log.warning("request %s: direct KV transfer failed (%s); through the store", gen.request_id, e)
+        if handle is None:
+            kv = out.kv
+            nbytes = kv.numel() * kv.element_size()
+            attributes = {"epd.bytes": nbytes, "epd.layers": kv.shape[0], "epd.path": "store"}
+            with tracer().start_as_current_span("kv.send", attributes=attributes):
+                handle = await self.store.send(gen.request_id, kv)
+            target = await self.picker.choose(gen.prompt_tokens + gen.sampling.max_tokens)
+        metrics.CONNECTOR_BYTES.labels("kv", "save").inc(handle.nbytes)
         ready = KVReady(
             request_id=gen.request_id,
             reply_to=gen.reply_to,
-            model=rt.settings.model_name,
+            model=self.rt.settings.model_name,
             sampling=gen.sampling,
             prompt_tokens=gen.prompt_tokens,
             first_token=gen.tokens[0],
             rope_delta=out.rope_delta,
             kv=handle,
         )
-        target = await picker.choose(gen.prompt_tokens + gen.sampling.max_tokens)
         subject = subjects.DECODE if target is None else subjects.decode_for(target)
-        await rt.publish(subject, ready, gen.request_id, gen.reply_to, "decode")
-
-    return handoff
+        await self.rt.publish(subject, ready, gen.request_id, gen.reply_to, "decode")
 
 
-def local_decode(decoder: Decoder) -> Handoff:
+class LocalDecode:
     """pd / epd: decode in this process, the KV stays where it is."""
 
-    async def handoff(gen: Generation, out: Prefilled) -> None:
-        await decoder.generate(gen, out.kv, out.rope_delta)
+    def __init__(self, decoder: Decoder) -> None:
+        self.decoder = decoder
 
-    return handoff
+    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
+        return None
+
+    async def __call__(self, gen: Generation, out: Prefilled, writer: LayerWriter | None) -> None:
+        await self.decoder.generate(gen, out.kv, out.rope_delta)

@@ -3,12 +3,14 @@
 | role    | consumes                       | encoder cache | KV                 |
 |---------|--------------------------------|---------------|--------------------|
 | encode  | encode                         | shared (1)    | -                  |
-| prefill | prefill, prefill-text          | shared (1)    | sends (Mooncake)   |
-| decode  | decode, decode-<its worker id> | -             | receives (Mooncake)|
+| prefill | prefill, prefill-text          | shared (1)    | sends (2)          |
+| decode  | decode, decode-<its worker id> | -             | receives (2)       |
 | pd      | prefill, prefill-text          | shared (1)    | stays in process   |
 | epd     | prefill, prefill-text          | in process    | stays in process   |
 
 (1) `EPD_EC_BACKEND`: Mooncake Store (the default) or a shared directory.
+(2) `EPD_KV_TRANSFER`: layer by layer into the decoder's memory on the Mooncake TransferEngine
+    (the default), or through Mooncake Store; the store is also the direct path's fallback.
 """
 
 from __future__ import annotations
@@ -21,8 +23,10 @@ from epd.connectors.ec import ECConnector
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
+from epd.connectors.kv_direct import DirectKVReceiver, KVLanding, KVSender
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
+from epd.connectors.transfer_engine import TransferLink
 from epd.ops.config import Settings
 from epd.schemas import subjects
 from epd.workers.decode import Decoder, DecodeStage
@@ -32,7 +36,7 @@ from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Family
 from epd.workers.engine.weights import Parts
 from epd.workers.loop import Lane, Stage
-from epd.workers.prefill import PrefillStage, local_decode, remote_decode
+from epd.workers.prefill import LocalDecode, PrefillStage, RemoteDecode
 from epd.workers.runtime import Runtime
 
 
@@ -71,23 +75,34 @@ def build_role(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> Role
     if role == "epd":
         decoder = Decoder(rt, ckpt, family)
         ec = InProcessECConnector(int(rt.settings.ec_capacity_mb * 2**20))
-        prefill = PrefillStage(rt, ckpt, family, ec, local_decode(decoder), inline_encode=True)
+        prefill = PrefillStage(rt, ckpt, family, ec, LocalDecode(decoder), inline_encode=True)
         return Role([prefill, text_lane(prefill)])
     store = MooncakeStore(rt.settings)
     if role == "encode":
         return Role([EncodeStage(rt, family, ec_connector(rt.settings, store))], store)
+    settings = rt.settings
     if role == "prefill":
-        kv = MooncakeStoreKVConnector(store, verify=rt.settings.verify_checksums)
-        handoff = remote_decode(rt, kv, DecoderPicker(rt))
-        prefill = PrefillStage(rt, ckpt, family, ec_connector(rt.settings, store), handoff)
+        kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
+        direct = (
+            KVSender(TransferLink(settings, settings.kv_buffer_mb), rt.nc) if settings.kv_transfer == "direct" else None
+        )
+        handoff = RemoteDecode(rt, family.kv_layout(), kv, DecoderPicker(rt), direct)
+        prefill = PrefillStage(rt, ckpt, family, ec_connector(settings, store), handoff)
         return Role([prefill, text_lane(prefill)], store)
     if role == "decode":
-        decode = DecodeStage(rt, ckpt, family, MooncakeStoreKVConnector(store, verify=rt.settings.verify_checksums))
+        kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
+        background = [lambda stop: rescue_loop(rt, stop)]
+        if settings.kv_transfer == "direct":
+            link = TransferLink(settings, settings.kv_buffer_mb)
+            landing = KVLanding(link, settings.kv_reserve_timeout_s, settings.verify_checksums)
+            kv = DirectKVReceiver(landing, kv)
+            background.append(lambda stop: landing.serve(rt.nc, rt.worker_id, stop))
+        decode = DecodeStage(rt, ckpt, family, kv)
         mine = subjects.decode_for(rt.worker_id)
         own = Lane(decode, decoder_durable(rt.worker_id), mine, DIRECT_INACTIVE_S, label=subjects.DECODE)
-        return Role([decode, own], store, [lambda stop: rescue_loop(rt, stop)])
+        return Role([decode, own], store, background)
     if role == "pd":
-        handoff = local_decode(Decoder(rt, ckpt, family))
+        handoff = LocalDecode(Decoder(rt, ckpt, family))
         prefill = PrefillStage(rt, ckpt, family, ec_connector(rt.settings, store), handoff)
         return Role([prefill, text_lane(prefill)], store)
     raise ValueError(f"unknown role {role!r}; roles: encode, prefill, decode, pd, epd")

@@ -14,8 +14,10 @@ an adapter adds what differs: the vision tower, and the prompt's 3-D positions.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
+from typing import Any, Protocol
 
 import torch
 from epd.workers.engine.kv_cache import KVLayout, PrefillView, StepView
@@ -34,9 +36,31 @@ class Encoded:
 
 @dataclass
 class Prefilled:
-    kv: torch.Tensor  # (layers, 2, kv_heads, prompt_tokens, head_dim)
     logits: torch.Tensor  # (vocab,) at the last prompt position
     rope_delta: int  # decode position p has M-RoPE position p + rope_delta
+    view: PrefillView  # the forward's KV, every row of the batch
+    row: int
+    tokens: int
+
+    @cached_property
+    def kv(self) -> torch.Tensor:
+        """This prompt's KV as one tensor (layers, 2, kv_heads, prompt_tokens, head_dim), gathered when first asked:
+        a direct transfer has sent it layer by layer already."""
+        return self.view.row(self.row, self.tokens)
+
+
+class LayerSink(Protocol):
+    def write_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """One layer of one prompt's KV: keys and values (kv_heads, tokens, head_dim)."""
+
+
+def _layer_router(sinks: list[LayerSink | None], lengths: list[int]) -> Callable:
+    def on_layer(layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        for row, (sink, n) in enumerate(zip(sinks, lengths, strict=True)):
+            if sink is not None:
+                sink.write_layer(layer, keys[row, :, :n], values[row, :, :n])
+
+    return on_layer
 
 
 class Family(ABC):
@@ -70,8 +94,13 @@ class Family(ABC):
         return self.prefill_batch([(ids, images)])[0]
 
     @torch.inference_mode()
-    def prefill_batch(self, prompts: list[tuple[list[int], list[Encoded]]]) -> list[Prefilled]:
-        """Several prompts in one forward: padded on the right, each row attending to its own tokens."""
+    def prefill_batch(
+        self, prompts: list[tuple[list[int], list[Encoded]]], sinks: list[LayerSink | None] | None = None
+    ) -> list[Prefilled]:
+        """Several prompts in one forward: padded on the right, each row attending to its own tokens.
+
+        `sinks[i]`, if any, receives row i's KV of each layer as soon as that layer has computed it.
+        """
         lengths = [len(ids) for ids, _ in prompts]
         width, batch = max(lengths), len(prompts)
         hidden = self.text.config.hidden_size
@@ -87,7 +116,7 @@ class Family(ABC):
         length = torch.tensor(lengths, device=self.device)
         keys = torch.arange(width, device=self.device)
         mask = (keys[None, :] <= keys[:, None])[None] & (keys < length[:, None])[:, None, :]  # causal, own row
-        view = PrefillView()
+        view = PrefillView(_layer_router(sinks, lengths) if sinks and any(sinks) else None)
         out = self.text(
             inputs_embeds=embeds,
             attention_mask={"full_attention": self._mask(mask[:, None])},
@@ -97,7 +126,7 @@ class Family(ABC):
         )
         last = out.last_hidden_state[torch.arange(batch, device=self.device), length - 1]
         logits = self.model.lm_head(last).float()
-        return [Prefilled(view.row(i, n), logits[i], d) for i, (n, d) in enumerate(zip(lengths, deltas, strict=True))]
+        return [Prefilled(logits[i], d, view, i, n) for i, (n, d) in enumerate(zip(lengths, deltas, strict=True))]
 
     @torch.inference_mode()
     def decode_step(

@@ -15,6 +15,7 @@ gathered into one padded tensor, with the mask that hides the padding.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -140,12 +141,16 @@ def _gather(store: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
 class PrefillView:
     """A prefill forward's cache: keeps each layer's keys and values as computed, for the whole batch."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_layer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> None:
+        """`on_layer(layer, keys, values)`: called as each layer's KV is computed (the direct KV transfer)."""
         self.keys: dict[int, torch.Tensor] = {}
         self.values: dict[int, torch.Tensor] = {}
+        self.on_layer = on_layer
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *_: object) -> tuple[torch.Tensor, ...]:
         self.keys[layer], self.values[layer] = keys, values
+        if self.on_layer is not None:
+            self.on_layer(layer, keys, values)
         return keys, values
 
     def row(self, i: int, tokens: int) -> torch.Tensor:

@@ -1,0 +1,275 @@
+"""Direct P→D KV transfer on the Mooncake TransferEngine, layer by layer.
+
+1. Before its forward, prefill asks the decoder it picked for room (`KVReserve`, NATS
+   request-reply). The decoder takes a range of its registered buffer and answers with
+   the range's address (`KVGrant`).
+2. As the forward computes each layer's keys and values, prefill copies them into a range
+   of its own buffer and starts a one-sided write of that layer into the decoder's range:
+   the transfer runs while the next layers compute.
+3. After the forward, prefill waits for the writes and publishes `KVReady` with a handle
+   `direct/<grant id>` and the checksum of what it wrote.
+4. The decoder checks size, shape, dtype (and checksum) and copies the KV out of the range.
+
+A grant is freed when its KV is loaded, when prefill releases it (the request ended at its
+first token, or the writes failed), or `EPD_KV_RESERVE_TIMEOUT_S` after it was made.
+Whatever goes wrong before `KVReady`, prefill falls back to the store path
+(`kv_mooncake.py`), which any decoder can load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+import uuid
+
+import nats
+import torch
+from epd.connectors.kv import KVConnector, KVTransferError
+from epd.connectors.tensors import checksum, dtype_name, from_bytes
+from epd.connectors.transfer_engine import TransferError, TransferLink
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, WireError, encode
+from epd.schemas.common import TensorHandle
+from epd.schemas.decode import KVGrant, KVRelease, KVReserve
+
+log = logging.getLogger(__name__)
+
+DIRECT_PREFIX = "direct/"
+RESERVE_TIMEOUT_S = 1.0  # how long prefill waits for a decoder's grant before taking the store path
+GRANT_MARGIN_S = 1.0  # prefill neither writes nor publishes KV into a grant this close to its expiry
+DRAIN_S = 10.0  # how long prefill waits for its writes to land
+
+
+class KVLanding:
+    """A decoder's side: grants ranges of its registered buffer and hands out the KV written into them."""
+
+    def __init__(self, link: TransferLink, ttl_s: float, verify: bool = True) -> None:
+        self.link, self.ttl_s, self.verify = link, ttl_s, verify
+        self._grants: dict[str, tuple[int, int, float]] = {}  # grant id -> (offset, nbytes, expires at)
+        self._lock = threading.Lock()
+        self._decoder = Decoder(KVReserve | KVRelease)
+
+    @property
+    def granted_bytes(self) -> int:
+        with self._lock:
+            return sum(n for _, n, _ in self._grants.values())
+
+    def reserve(self, request: KVReserve) -> KVGrant:
+        self.expire()
+        offset = self.link.arena.alloc(request.nbytes) if request.nbytes > 0 else None
+        if offset is None:
+            return KVGrant(granted=False, reason=f"no room for {request.nbytes} bytes (EPD_KV_BUFFER_MB)")
+        grant_id = uuid.uuid4().hex
+        with self._lock:
+            self._grants[grant_id] = (offset, request.nbytes, time.monotonic() + self.ttl_s)
+        return KVGrant(
+            granted=True,
+            grant_id=grant_id,
+            session=self.link.session,
+            address=self.link.base + offset,
+            ttl_s=self.ttl_s,
+        )
+
+    def release(self, grant_id: str) -> None:
+        with self._lock:
+            grant = self._grants.pop(grant_id, None)
+        if grant is not None:
+            self.link.arena.free(grant[0])
+
+    def expire(self) -> int:
+        """Free the grants past their time; returns how many."""
+        now = time.monotonic()
+        with self._lock:
+            gone = [g for g, (_, _, expires) in self._grants.items() if expires <= now]
+        for g in gone:
+            log.warning("KV grant %s expired unused: freed", g)
+            self.release(g)
+        return len(gone)
+
+    def take(self, handle: TensorHandle) -> torch.Tensor:
+        """The KV written into a grant, as a tensor of its own; the grant is freed."""
+        grant_id = handle.key.removeprefix(DIRECT_PREFIX)
+        with self._lock:
+            grant = self._grants.get(grant_id)
+        if grant is None:
+            raise KVTransferError(f"KV grant {grant_id} is not held by this decoder (expired, or another's)")
+        offset, nbytes, _ = grant
+        try:
+            return from_bytes(self.link.view(offset, min(nbytes, handle.nbytes)).numpy(), handle, self.verify)
+        finally:
+            self.release(grant_id)
+
+    async def serve(self, nc: nats.NATS, worker_id: str, stop: asyncio.Event) -> None:
+        """Answer this decoder's reserve subject, and free expired grants, until `stop`."""
+
+        async def on_message(msg: nats.aio.msg.Msg) -> None:
+            try:
+                request = self._decoder.decode(msg.data)
+            except WireError as e:
+                log.warning("bad KV reservation message: %s", e)
+                return
+            if isinstance(request, KVRelease):
+                self.release(request.grant_id)
+            elif msg.reply:
+                await msg.respond(encode(self.reserve(request)))
+
+        sub = await nc.subscribe(subjects.kv_reserve_for(worker_id), cb=on_message)
+        try:
+            while not stop.is_set():
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=min(self.ttl_s, 1.0))
+                except asyncio.TimeoutError:
+                    self.expire()
+        finally:
+            await sub.unsubscribe()
+
+
+class LayerWriter:
+    """Prefill's side of one grant: each layer's KV is staged and written as soon as it is computed."""
+
+    def __init__(
+        self,
+        link: TransferLink,
+        nc: nats.NATS,
+        decoder_id: str,
+        grant: KVGrant,
+        offset: int,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+    ) -> None:
+        self.link, self.nc, self.decoder_id, self.grant = link, nc, decoder_id, grant
+        self.offset, self.shape, self.dtype = offset, shape, dtype
+        self.nbytes = math.prod(shape) * dtype.itemsize
+        self.layer_bytes = self.nbytes // shape[0]
+        self.staging = link.view(offset, self.nbytes).view(dtype).view(shape)
+        self.expires_at = time.monotonic() + grant.ttl_s
+        self.batches: list[int] = []
+        self.layers_written = 0
+        self.error: Exception | None = None
+        self._closed = False
+
+    def write_layer(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """(In the forward's thread.) Stage layer `layer` (keys, values: (kv_heads, tokens, head_dim)) and send it."""
+        if self.error is not None:
+            return
+        if time.monotonic() > self.expires_at - GRANT_MARGIN_S:  # the room may go to another request soon
+            self.error = TransferError("the decoder's grant expires before the KV is written")
+            return
+        try:
+            self.staging[layer, 0].copy_(keys)
+            self.staging[layer, 1].copy_(values)
+            at = layer * self.layer_bytes
+            self.batches.append(
+                self.link.write(self.grant.session, self.offset + at, self.grant.address + at, self.layer_bytes)
+            )
+            self.layers_written += 1
+        except (TransferError, RuntimeError) as e:  # the request takes the store path; the batch computes on
+            self.error = e
+
+    async def finish(self) -> TensorHandle:
+        """Wait for every layer's write; the handle `KVReady` carries. Raises TransferError (the grant freed)."""
+        try:
+            if self.error is not None:
+                raise TransferError(f"a layer could not be sent: {self.error}")
+            if self.layers_written != self.shape[0]:
+                raise TransferError(f"{self.layers_written} of {self.shape[0]} layers were sent")
+            await self.link.wait_async(self.batches, timeout_s=DRAIN_S)
+            if time.monotonic() > self.expires_at - GRANT_MARGIN_S:
+                raise TransferError("the decoder's grant expires before it could load the KV")
+            data = self.link.view(self.offset, self.nbytes).numpy()
+            digest = await asyncio.to_thread(checksum, data)
+        except TransferError:
+            await self.abort()
+            raise
+        self._free_staging()
+        return TensorHandle(
+            key=DIRECT_PREFIX + self.grant.grant_id,
+            shape=list(self.shape),
+            dtype=dtype_name(self.dtype),
+            nbytes=self.nbytes,
+            checksum=digest,
+        )
+
+    async def abort(self) -> None:
+        """The KV will not be published: the decoder frees its room, this worker its staging."""
+        if self._closed:
+            return
+        try:  # writes in flight still read the staging range: let them end first
+            await self.link.wait_async(self.batches, timeout_s=DRAIN_S)
+        except TransferError:
+            pass
+        if self.batches:  # still running: the range stays taken rather than be overwritten under them
+            log.error(
+                "%d KV writes to %s never ended: %d staging bytes kept", len(self.batches), self.decoder_id, self.nbytes
+            )
+            self._closed = True
+        self._free_staging()
+        try:
+            await self.nc.publish(
+                subjects.kv_reserve_for(self.decoder_id), encode(KVRelease(grant_id=self.grant.grant_id))
+            )
+        except nats.errors.Error as e:  # the grant expires on its own
+            log.warning("cannot release KV grant %s: %s", self.grant.grant_id, e)
+
+    def _free_staging(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.link.arena.free(self.offset)
+
+
+class KVSender:
+    """Prefill's side: asks a decoder for room and opens a `LayerWriter` into it."""
+
+    def __init__(self, link: TransferLink, nc: nats.NATS) -> None:
+        self.link, self.nc = link, nc
+        self._grants = Decoder(KVGrant)
+
+    async def open(
+        self, decoder_id: str, request_id: str, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> LayerWriter | None:
+        """A writer into `decoder_id`'s memory for KV of `shape`; None (take the store path) if there is no room."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        offset = self.link.arena.alloc(nbytes)
+        if offset is None:
+            log.info("no staging room for %d bytes of KV (EPD_KV_BUFFER_MB): store path", nbytes)
+            return None
+        try:
+            reply = await self.nc.request(
+                subjects.kv_reserve_for(decoder_id),
+                encode(KVReserve(request_id=request_id, nbytes=nbytes)),
+                timeout=RESERVE_TIMEOUT_S,
+            )
+            grant = self._grants.decode(reply.data)
+        except (nats.errors.Error, asyncio.TimeoutError, WireError) as e:
+            log.info("decoder %s gave no KV grant (%s): store path", decoder_id, type(e).__name__)
+            grant = None
+        if grant is None or not grant.granted:
+            self.link.arena.free(offset)
+            if grant is not None:
+                log.info("decoder %s refused KV room: %s", decoder_id, grant.reason)
+            return None
+        return LayerWriter(self.link, self.nc, decoder_id, grant, offset, shape, dtype)
+
+
+class DirectKVReceiver(KVConnector):
+    """A decoder's KV connector: direct handles from its grants, anything else from the store."""
+
+    def __init__(self, landing: KVLanding, store: KVConnector) -> None:
+        self.landing, self.store = landing, store
+
+    async def send(self, request_id: str, kv: torch.Tensor) -> TensorHandle:
+        return await self.store.send(request_id, kv)
+
+    async def recv(self, handle: TensorHandle) -> torch.Tensor:
+        if handle.key.startswith(DIRECT_PREFIX):
+            return await asyncio.to_thread(self.landing.take, handle)
+        return await self.store.recv(handle)
+
+    async def release(self, handle: TensorHandle) -> None:
+        if handle.key.startswith(DIRECT_PREFIX):
+            self.landing.release(handle.key.removeprefix(DIRECT_PREFIX))
+        else:
+            await self.store.release(handle)
