@@ -5,6 +5,7 @@ Invariants every backend keeps:
 - `save` then `load` of a key returns the same tensor and grid, bit for bit.
 - A missing or evicted key is a miss (`load` returns None), never an error; the
   caller re-encodes.
+- `save_many` and `load_many` do what that many `save`s and `load`s do.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from abc import ABC, abstractmethod
 
 import msgspec
 import torch
-from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, to_bytes
+from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for
 from epd.schemas.common import ImageEmbedding, TensorHandle
 
 
@@ -31,6 +32,14 @@ class ECConnector(ABC):
     async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
         """The embedding and its grid, or None on a miss."""
 
+    async def save_many(self, entries: list[tuple[str, torch.Tensor, list[int]]]) -> list[ImageEmbedding]:
+        """Several `save`s (key, embedding, grid); a backend that can moves them in one batch."""
+        return [await self.save(key, embedding, grid) for key, embedding, grid in entries]
+
+    async def load_many(self, keys: list[str]) -> list[tuple[torch.Tensor, list[int]] | None]:
+        """Several `load`s, in order; a backend that can moves them in one batch."""
+        return [await self.load(key) for key in keys]
+
 
 class _Meta(msgspec.Struct, array_like=True):
     tensor: TensorHandle
@@ -41,18 +50,26 @@ _meta_encoder = msgspec.msgpack.Encoder()
 _meta_decoder = msgspec.msgpack.Decoder(_Meta)
 
 
-def pack_entry(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple[bytes, ImageEmbedding]:
-    """A self-describing value: u32 header length, msgpack header, raw tensor bytes.
+def entry_parts(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple[bytes, torch.Tensor, ImageEmbedding]:
+    """A self-describing value in two parts: (u32 header length + msgpack header), the raw tensor bytes.
 
     Self-describing so that a cache hit found by key alone (no encoder involved)
-    still knows its shape and grid.
+    still knows its shape and grid. The tensor part is the embedding's own memory (on the host).
     """
-    data = to_bytes(embedding)
-    handle = handle_for(key, embedding, data)
+    flat = embedding.detach().contiguous().cpu().view(-1).view(torch.uint8)
+    handle = handle_for(key, embedding, flat.numpy())
     header = _meta_encoder.encode(_Meta(tensor=handle, grid_thw=list(grid_thw)))
-    return struct.pack("<I", len(header)) + header + data, ImageEmbedding(
-        key=key, grid_thw=list(grid_thw), tensor=handle
+    return (
+        struct.pack("<I", len(header)) + header,
+        flat,
+        ImageEmbedding(key=key, grid_thw=list(grid_thw), tensor=handle),
     )
+
+
+def pack_entry(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple[bytes, ImageEmbedding]:
+    """The value of `entry_parts` as one bytes object."""
+    header, flat, ref = entry_parts(key, embedding, grid_thw)
+    return header + flat.numpy().tobytes(), ref
 
 
 def unpack_entry(value: bytes, verify: bool = True) -> tuple[torch.Tensor, list[int]]:

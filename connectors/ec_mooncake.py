@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from epd.connectors.ec import ECConnector, pack_entry, unpack_entry
+from epd.connectors.ec import ECConnector, entry_parts, pack_entry, unpack_entry
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.schemas.common import ImageEmbedding
 
@@ -25,3 +25,15 @@ class MooncakeECConnector(ECConnector):
     async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
         value = await self._store.get(KEY_PREFIX + key)
         return None if value is None else unpack_entry(value, self.verify)
+
+    async def save_many(self, entries: list[tuple[str, torch.Tensor, list[int]]]) -> list[ImageEmbedding]:
+        """One batched upsert from the store's registered buffer: each embedding is copied once, into it."""
+        parts = [entry_parts(key, embedding, grid) for key, embedding, grid in entries]
+        keys = [KEY_PREFIX + key for key, _, _ in entries]
+        await self._store.upsert_many(keys, [[header, flat] for header, flat, _ in parts])
+        return [ref for *_, ref in parts]
+
+    async def load_many(self, keys: list[str]) -> list[tuple[torch.Tensor, list[int]] | None]:
+        """One batched read into the store's registered buffer."""
+        values = await self._store.get_many([KEY_PREFIX + k for k in keys])
+        return [None if v is None else unpack_entry(v, self.verify) for v in values]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import xxhash
 from epd.schemas.common import TensorHandle
@@ -20,13 +21,13 @@ def to_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
-def checksum(data: bytes | memoryview) -> int:
+def checksum(data: bytes | memoryview | np.ndarray) -> int:
     return xxhash.xxh64_intdigest(data)
 
 
-def handle_for(key: str, t: torch.Tensor, data: bytes) -> TensorHandle:
+def handle_for(key: str, t: torch.Tensor, data: bytes | memoryview | np.ndarray) -> TensorHandle:
     return TensorHandle(
-        key=key, shape=list(t.shape), dtype=dtype_name(t.dtype), nbytes=len(data), checksum=checksum(data)
+        key=key, shape=list(t.shape), dtype=dtype_name(t.dtype), nbytes=memoryview(data).nbytes, checksum=checksum(data)
     )
 
 
@@ -47,5 +48,6 @@ def from_bytes(data: bytes | bytearray | memoryview, handle: TensorHandle, verif
         raise TensorIntegrityError(f"{handle.key}: shape {handle.shape} {handle.dtype} is not {handle.nbytes} bytes")
     if verify and checksum(data) != handle.checksum:
         raise TensorIntegrityError(f"{handle.key}: checksum mismatch")
-    buf = bytearray(data) if not isinstance(data, bytearray) else data
+    writable = isinstance(data, bytearray) or (isinstance(data, memoryview) and not data.readonly)
+    buf = data if writable else bytearray(data)  # a buffer of the caller's own is used as is
     return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(handle.shape)

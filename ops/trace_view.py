@@ -77,7 +77,9 @@ def summarize(spans: list[dict]) -> list[TraceSummary]:
         parents = {s["parent_id"] for s in group}
         leaves = [s for s in group if s["span_id"] not in parents] or group
         slowest = max(leaves, key=lambda s: s["end_ns"] - s["start_ns"])
-        rid = next((s["attributes"]["epd.request_id"] for s in group if s["attributes"].get("epd.request_id")), "")
+        # the request the trace's root span names (a worker's span may name another request it waited on)
+        named = sorted(group, key=lambda s: s["parent_id"] is not None)
+        rid = next((s["attributes"]["epd.request_id"] for s in named if s["attributes"].get("epd.request_id")), "")
         start = min(s["start_ns"] for s in group)
         out.append(
             TraceSummary(

@@ -12,6 +12,7 @@ from epd.connectors.kv import KVTransferError
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, to_bytes
+from epd.connectors.transfer_engine import Arena
 from epd.ops.config import Settings
 
 pytestmark = pytest.mark.integration
@@ -63,6 +64,35 @@ async def test_ec_save_load_exists_and_miss(ec) -> None:  # noqa: ANN001
     assert grid == [1, 6, 8] and got.dtype == torch.bfloat16 and torch.equal(got, emb)
     await ec.save(key, emb * 2, [1, 6, 8])  # rewriting a key replaces the value
     assert torch.equal((await ec.load(key))[0], emb * 2)
+
+
+async def test_ec_batch_save_and_load_equal_one_at_a_time(ec, store: MooncakeStore) -> None:  # noqa: ANN001
+    keys = [unique("batch") for _ in range(2)]
+    embeddings = [torch.randn(12, 64, dtype=torch.bfloat16), torch.randn(12, 64, dtype=torch.bfloat16)]
+    refs = await ec.save_many([(k, e, [1, 6, 8]) for k, e in zip(keys, embeddings, strict=True)])
+    assert [r.key for r in refs] == keys
+    loaded = await ec.load_many([keys[1], "never-saved", keys[0], keys[1]])  # (the same image twice)
+    assert loaded[1] is None  # a miss in a batch is a miss, not an error
+    assert torch.equal(loaded[0][0], embeddings[1]) and torch.equal(loaded[2][0], embeddings[0])
+    assert torch.equal(loaded[3][0], embeddings[1])
+    assert loaded[0][1] == loaded[2][1] == [1, 6, 8]
+    one = await ec.load(keys[0])  # what the batch saved, one load reads, bit for bit
+    assert torch.equal(one[0], embeddings[0])
+    await ec.save(keys[1], embeddings[1] * 3, [1, 6, 8])  # and what one save wrote, the batch reads
+    assert torch.equal((await ec.load_many([keys[1]]))[0][0], embeddings[1] * 3)
+    if isinstance(ec, MooncakeECConnector):  # a batch larger than the registered buffer goes one by one
+        big = [(unique("big"), torch.randn(1024, 3584, dtype=torch.bfloat16), [1, 64, 64]) for _ in range(2)]
+        buffer, store._arena = store._arena, Arena(8 << 20)  # room for one of them, not both
+        try:
+            await ec.save_many(big)
+            for (key, emb, _), got in zip(big, await ec.load_many([k for k, _, _ in big]), strict=True):
+                assert torch.equal(got[0], emb)
+                for _ in range(50):  # (a read pins a key for the lease TTL)
+                    if await store.remove(KEY_PREFIX + key):
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            store._arena = buffer
 
 
 async def test_ec_an_entry_that_vanished_is_a_miss(ec, store: MooncakeStore) -> None:  # noqa: ANN001

@@ -86,14 +86,15 @@ class ImageEncoder:
                 span.set_attribute("epd.batch", batch)
             except ImageRejected as e:
                 raise RequestFailed(400, f"the images could not be processed: {e}") from None
-        for i, enc in zip(missing, encoded, strict=True):
-            with tracer().start_as_current_span(
-                "ec.save", attributes={"epd.image": i, "epd.hit": False, "epd.key": job.keys[i]}
-            ) as span:
-                refs[i] = await self.ec.save(job.keys[i], enc.embedding, enc.grid_thw)
-                nbytes = refs[i].tensor.nbytes if refs[i].tensor else 0
-                span.set_attribute("epd.bytes", nbytes)
-                metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
+        with tracer().start_as_current_span("ec.save", attributes={"epd.images": len(missing)}) as span:
+            saved = await self.ec.save_many(
+                [(job.keys[i], enc.embedding, enc.grid_thw) for i, enc in zip(missing, encoded, strict=True)]
+            )
+            nbytes = sum(ref.tensor.nbytes for ref in saved if ref.tensor)
+            span.set_attribute("epd.bytes", nbytes)
+            metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
+        for i, ref in zip(missing, saved, strict=True):
+            refs[i] = ref
 
 
 class EncodeStage:

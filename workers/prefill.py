@@ -148,16 +148,14 @@ class PrefillStage:
         """Every image's embedding, from the cache or encoded inline; None if re-routed to encoders."""
         refs: list[ImageEmbedding] = job.images
         loaded: list[Encoded | None] = []
-        for i, ref in enumerate(refs):
-            with tracer().start_as_current_span("ec.load", attributes={"epd.image": i, "epd.key": ref.key}) as span:
-                hit = await self.ec.load(ref.key)
-                span.set_attribute("epd.hit", hit is not None)
-                if hit is not None:
-                    nbytes = hit[0].numel() * hit[0].element_size()
-                    span.set_attribute("epd.bytes", nbytes)
-                    metrics.CONNECTOR_BYTES.labels("ec", "load").inc(nbytes)
-            result = "miss" if hit is None else "hit"
-            metrics.EC_LOOKUPS.labels("prefill", result).inc()
+        with tracer().start_as_current_span("ec.load", attributes={"epd.images": len(refs)}) as span:
+            hits = await self.ec.load_many([ref.key for ref in refs]) if refs else []
+            nbytes = sum(h[0].numel() * h[0].element_size() for h in hits if h is not None)
+            span.set_attribute("epd.hits", sum(h is not None for h in hits))
+            span.set_attribute("epd.bytes", nbytes)
+            metrics.CONNECTOR_BYTES.labels("ec", "load").inc(nbytes)
+        for hit in hits:
+            metrics.EC_LOOKUPS.labels("prefill", "miss" if hit is None else "hit").inc()
             if hit is None:
                 self.rt.load.ec_misses += 1
             else:
