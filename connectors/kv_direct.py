@@ -24,6 +24,7 @@ import math
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 
 import nats
 import torch
@@ -147,6 +148,7 @@ class LayerWriter:
         self.staging = link.view(offset, self.nbytes).view(dtype).view(shape)
         self.expires_at = time.monotonic() + grant.ttl_s
         self.batches: list[int] = []
+        self.pending: list[Future] = []  # device tensors: writes the sender thread starts
         self.layers_written = 0
         self.error: Exception | None = None
         self._closed = False
@@ -159,15 +161,26 @@ class LayerWriter:
             self.error = TransferError("the decoder's grant expires before the KV is written")
             return
         try:
-            self.staging[layer, 0].copy_(keys)
-            self.staging[layer, 1].copy_(values)
-            at = layer * self.layer_bytes
-            self.batches.append(
-                self.link.write(self.grant.session, self.offset + at, self.grant.address + at, self.layer_bytes)
-            )
+            on_device = keys.device.type != "cpu"
+            self.staging[layer, 0].copy_(keys, non_blocking=on_device)
+            self.staging[layer, 1].copy_(values, non_blocking=on_device)
+            if on_device:  # the copies are queued behind this layer's kernels: send once they are done,
+                copied = torch.cuda.Event()  # from the link's sender thread, while the next layers run
+                copied.record()
+                self.pending.append(self.link.sender.submit(self._send, layer, copied))
+            else:
+                self._send(layer)
             self.layers_written += 1
         except (TransferError, RuntimeError) as e:  # the request takes the store path; the batch computes on
             self.error = e
+
+    def _send(self, layer: int, copied: torch.cuda.Event | None = None) -> None:
+        if copied is not None:
+            copied.synchronize()
+        at = layer * self.layer_bytes
+        self.batches.append(
+            self.link.write(self.grant.session, self.offset + at, self.grant.address + at, self.layer_bytes)
+        )
 
     async def finish(self) -> TensorHandle:
         """Wait for every layer's write; the handle `KVReady` carries. Raises TransferError (the grant freed)."""
@@ -176,6 +189,7 @@ class LayerWriter:
                 raise TransferError(f"a layer could not be sent: {self.error}")
             if self.layers_written != self.shape[0]:
                 raise TransferError(f"{self.layers_written} of {self.shape[0]} layers were sent")
+            await self._sent()
             await self.link.wait_async(self.batches, timeout_s=DRAIN_S)
             if time.monotonic() > self.expires_at - GRANT_MARGIN_S:
                 raise TransferError("the decoder's grant expires before it could load the KV")
@@ -198,6 +212,7 @@ class LayerWriter:
         if self._closed:
             return
         try:  # writes in flight still read the staging range: let them end first
+            await self._sent()
             await self.link.wait_async(self.batches, timeout_s=DRAIN_S)
         except TransferError:
             pass
@@ -213,6 +228,15 @@ class LayerWriter:
             )
         except nats.errors.Error as e:  # the grant expires on its own
             log.warning("cannot release KV grant %s: %s", self.grant.grant_id, e)
+
+    async def _sent(self) -> None:
+        """Every write the sender thread was given has started (device tensors only)."""
+        pending, self.pending = self.pending, []
+        for future in pending:
+            try:
+                await asyncio.wrap_future(future)
+            except (TransferError, RuntimeError) as e:
+                raise TransferError(f"a layer could not be sent: {e}") from None
 
     def _free_staging(self) -> None:
         if not self._closed:

@@ -8,7 +8,7 @@ import logging
 import torch
 from epd.connectors.kv import KVConnector, KVTransferError
 from epd.connectors.mooncake_store import MooncakeStore
-from epd.connectors.tensors import from_bytes, handle_for, to_bytes
+from epd.connectors.tensors import from_bytes, handle_for
 from epd.schemas.common import TensorHandle
 
 log = logging.getLogger(__name__)
@@ -23,9 +23,9 @@ class MooncakeStoreKVConnector(KVConnector):
         self._pending: set[asyncio.Task] = set()
 
     async def send(self, request_id: str, kv: torch.Tensor) -> TensorHandle:
-        data = to_bytes(kv)
-        handle = handle_for(KEY_PREFIX + request_id, kv, data)
-        await self._store.upsert(handle.key, data)
+        flat = kv.detach().contiguous().cpu().view(-1).view(torch.uint8)
+        handle = handle_for(KEY_PREFIX + request_id, kv, flat.numpy())
+        await self._store.upsert(handle.key, flat)  # copied once, into registered memory
         return handle
 
     async def recv(self, handle: TensorHandle) -> torch.Tensor:

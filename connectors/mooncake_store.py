@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+import numpy as np
 import torch
 from epd.connectors.transfer_engine import Arena
 from epd.ops.config import Settings
 
 STAGING_MB = 64  # the registered buffer of batched reads and writes
+CLIENT_BUFFER = 15 << 20  # a single value up to this goes through the client's own 16 MiB transfer buffer
 
 # Mooncake Store return codes seen on misses: the key was never there, or was evicted.
 _MISSING = (-704,)  # OBJECT_NOT_FOUND; -706 is a read lease still pinning the key
@@ -61,52 +65,58 @@ class MooncakeStore:
         codes = await asyncio.to_thread(self._store.batch_is_exist, keys)
         return [c == 1 for c in codes]
 
-    async def upsert(self, key: str, data: bytes) -> None:
+    async def upsert(self, key: str, data: bytes | torch.Tensor) -> None:
         """Write `key`, in this process's segment if it has room, else anywhere (retried once)."""
-        for config in (self._local, self._anywhere, self._anywhere):
-            rc = await asyncio.to_thread(self._store.upsert, key, data, config)
-            if rc == 0:
-                return
-        raise StoreError(f"Mooncake upsert of {key} ({len(data)} bytes) failed with code {rc}")
+        await self.upsert_many([key], [[data]])
 
-    async def get(self, key: str) -> bytes | None:
+    async def get(self, key: str) -> bytearray | None:
         """The value, or None when the key is missing or was evicted."""
-        data = await asyncio.to_thread(self._store.get, key)
-        return data or None
+        return (await self.get_many([key]))[0]
 
     async def upsert_many(self, keys: list[str], values: list[list[bytes | torch.Tensor]]) -> None:
         """Write several keys in one batch, each value the concatenation of its parts.
 
-        The parts are copied once, into a range of this client's registered buffer, and the store
-        moves them from there (`batch_upsert_from`); keys the batch could not place are written one by one.
+        The parts are copied once, into registered memory, and the store moves them from there
+        (`batch_upsert_from`). (The client's plain `put` and `upsert` stage through its 16 MiB
+        transfer buffer, and refuse anything larger: a long prompt's KV.)
         """
         if len(set(keys)) < len(keys):  # a batch must not name one key twice: the last value wins
             last = dict(zip(keys, values, strict=True))
             keys, values = list(last), list(last.values())
+        if keys:
+            await asyncio.to_thread(self._upsert_many, keys, values)
+
+    def _upsert_many(self, keys: list[str], values: list[list[bytes | torch.Tensor]]) -> None:
         sizes = [sum(_nbytes(p) for p in parts) for parts in values]
-        offset = self._arena.alloc(sum(sizes)) if keys else None
-        if offset is None:  # larger than the buffer (or a busy one): one at a time
-            for key, parts in zip(keys, values, strict=True):
-                await self.upsert(key, b"".join(_as_bytes(p) for p in parts))
-            return
-        try:
-            at, ptrs = offset, []
+        if len(keys) == 1 and sizes[0] <= CLIENT_BUFFER:  # the client's own path: one copy into its buffer
+            data = b"".join(_bytes_of(p) for p in values[0])
+            for config in (self._local, self._anywhere, self._anywhere):
+                rc = self._store.upsert(keys[0], data, config)
+                if rc == 0:
+                    return
+            raise StoreError(f"Mooncake upsert of {keys[0]} ({sizes[0]} bytes) failed with code {rc}")
+        with self._room(sum(sizes)) as (room, base):
+            at, ptrs = 0, []
             for parts in values:
-                ptrs.append(self._staging_base + at)
+                ptrs.append(base + at)
                 for part in parts:
                     n = _nbytes(part)
-                    self._staging[at : at + n].copy_(_as_uint8(part))
+                    _copy_into(room[at : at + n], part)
                     at += n
-            rcs = await asyncio.to_thread(self._store.batch_upsert_from, keys, ptrs, sizes, self._local)
-            for key, rc, ptr, size in zip(keys, rcs, ptrs, sizes, strict=True):
-                if rc != 0:  # no room in this segment: anywhere, one by one
-                    start = ptr - self._staging_base
-                    await self.upsert(key, self._staging[start : start + size].numpy().tobytes())
-        finally:
-            self._arena.free(offset)
+            pending = list(range(len(keys)))
+            for config in (self._local, self._anywhere, self._anywhere):  # this segment first, then anywhere
+                rcs = self._store.batch_upsert_from(
+                    [keys[i] for i in pending], [ptrs[i] for i in pending], [sizes[i] for i in pending], config
+                )
+                failed = [(i, rc) for i, rc in zip(pending, rcs, strict=True) if rc != 0]
+                if not failed:
+                    return
+                pending = [i for i, _ in failed]
+        i, rc = failed[0]
+        raise StoreError(f"Mooncake upsert of {keys[i]} ({sizes[i]} bytes) failed with code {rc}")
 
     async def get_many(self, keys: list[str]) -> list[bytearray | None]:
-        """The values of several keys (None for a miss), read in one batch into the registered buffer.
+        """The values of several keys (None for a miss), read in one batch into registered memory.
 
         A key named twice is read once (a batch must not name one key twice)."""
         unique = list(dict.fromkeys(keys))
@@ -115,28 +125,43 @@ class MooncakeStore:
 
     def _get_many(self, keys: list[str]) -> list[bytearray | None]:
         sizes = [self._store.get_size(k) for k in keys]
+        if len(keys) == 1 and 0 < sizes[0] <= CLIENT_BUFFER:  # the client's own path
+            return [bytearray(self._store.get(keys[0])) or None]
         found = [i for i, n in enumerate(sizes) if n > 0]
         out: list[bytearray | None] = [None] * len(keys)
-        offset = self._arena.alloc(sum(sizes[i] for i in found)) if found else None
-        if offset is None:
-            for i in found:
-                out[i] = bytearray(self._store.get(keys[i])) or None
+        if not found:
             return out
-        try:
-            ptrs, at = [], offset
+        with self._room(sum(sizes[i] for i in found)) as (room, base):
+            offsets, at = [], 0
             for i in found:
-                ptrs.append(self._staging_base + at)
+                offsets.append(at)
                 at += sizes[i]
-            rcs = self._store.batch_get_into([keys[i] for i in found], ptrs, [sizes[i] for i in found])
-            for i, rc, ptr in zip(found, rcs, ptrs, strict=True):
-                if rc == sizes[i]:
-                    start = ptr - self._staging_base
-                    out[i] = bytearray(self._staging[start : start + rc].numpy())
-                elif rc >= 0:  # rewritten meanwhile with another size: read it alone
-                    out[i] = bytearray(self._store.get(keys[i])) or None
-        finally:
-            self._arena.free(offset)
+            rcs = self._store.batch_get_into(
+                [keys[i] for i in found], [base + o for o in offsets], [sizes[i] for i in found]
+            )
+            for i, rc, o in zip(found, rcs, offsets, strict=True):
+                if rc == sizes[i]:  # else gone since, or rewritten with another size meanwhile: a miss
+                    out[i] = bytearray(room[o : o + rc].numpy())
         return out
+
+    @contextmanager
+    def _room(self, nbytes: int) -> Iterator[tuple[torch.Tensor, int]]:
+        """Registered memory for `nbytes`, and its address: a range of the staging buffer, or (when
+        that has no such room) a buffer registered for this call alone."""
+        offset = self._arena.alloc(nbytes)
+        if offset is not None:
+            try:
+                yield self._staging[offset : offset + nbytes], self._staging_base + offset
+            finally:
+                self._arena.free(offset)
+            return
+        buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        if self._store.register_buffer(buf.data_ptr(), buf.numel()) != 0:
+            raise StoreError(f"cannot register {nbytes} bytes with Mooncake Store")
+        try:
+            yield buf[:nbytes], buf.data_ptr()
+        finally:
+            self._store.unregister_buffer(buf.data_ptr())
 
     async def remove(self, key: str) -> bool:
         """True once the key is gone (removed now or already missing); False while a lease pins it."""
@@ -151,11 +176,14 @@ def _nbytes(part: bytes | torch.Tensor) -> int:
     return part.numel() * part.element_size() if isinstance(part, torch.Tensor) else len(part)
 
 
-def _as_uint8(part: bytes | torch.Tensor) -> torch.Tensor:
+def _bytes_of(part: bytes | torch.Tensor) -> bytes:
     if isinstance(part, torch.Tensor):
-        return part.detach().contiguous().cpu().view(-1).view(torch.uint8)
-    return torch.frombuffer(bytearray(part), dtype=torch.uint8) if part else torch.empty(0, dtype=torch.uint8)
+        return part.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
+    return part
 
 
-def _as_bytes(part: bytes | torch.Tensor) -> bytes:
-    return _as_uint8(part).numpy().tobytes() if isinstance(part, torch.Tensor) else part
+def _copy_into(room: torch.Tensor, part: bytes | torch.Tensor) -> None:
+    if isinstance(part, torch.Tensor):
+        room.copy_(part.detach().contiguous().cpu().view(-1).view(torch.uint8))
+    elif part:
+        room.numpy()[:] = np.frombuffer(part, dtype=np.uint8)

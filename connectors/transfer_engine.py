@@ -16,6 +16,7 @@ import asyncio
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from epd.ops.config import Settings
@@ -90,6 +91,7 @@ class TransferLink:
         if self.engine.register_memory(self.base, size) != 0:
             raise TransferError(f"cannot register {buffer_mb} MiB with the TransferEngine")
         self.arena = Arena(size)
+        self.sender = ThreadPoolExecutor(1, thread_name_prefix="kv-send")  # writes of device tensors, in order
 
     def view(self, offset: int, nbytes: int) -> torch.Tensor:
         return self.buffer[offset : offset + nbytes]
@@ -107,7 +109,7 @@ class TransferLink:
         Ended batches are removed from `batches` (the engine frees their ids: never ask about one again).
         Each batch holds one write; the engine's own batch wait spins a core, which a prefill worker
         needs for its next layers."""
-        deadline, pause = time.monotonic() + timeout_s, 1e-4
+        deadline, pause = time.monotonic() + timeout_s, 2e-5
         while batches:
             codes = [self.engine.transfer_check_status(b) for b in batches]
             batches[:] = [b for b, c in zip(batches, codes, strict=True) if c not in (1, -1)]
@@ -117,7 +119,7 @@ class TransferLink:
                 raise TransferError(f"{len(batches)} KV writes still running after {timeout_s:.1f} s")
             if batches:
                 time.sleep(pause)
-                pause = min(pause * 2, 2e-3)
+                pause = min(pause * 2, 2e-4)
 
     async def wait_async(self, batches: list[int], timeout_s: float) -> None:
         await asyncio.to_thread(self.wait, batches, timeout_s)

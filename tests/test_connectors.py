@@ -169,6 +169,27 @@ async def test_kv_send_recv_release(store: MooncakeStore) -> None:
         await kv_conn.recv(handle)
 
 
+@pytest.mark.parametrize("staging", ["shared buffer", "registered for the call"])
+async def test_kv_larger_than_the_clients_transfer_buffer(store: MooncakeStore, staging: str) -> None:
+    """A long prompt's KV (here 20 MiB) is over the 16 MiB the store client's own put and get can stage."""
+    kv = torch.randn(4, 2, 4, 640, 128, dtype=torch.bfloat16)
+    kv_conn = MooncakeStoreKVConnector(store, lease_wait_s=0.25)
+    buffer = store._arena
+    if staging == "registered for the call":  # the staging buffer has no room for it
+        store._arena = Arena(1 << 20)
+    try:
+        handle = await kv_conn.send(f"req-long-{staging}", kv)
+        assert torch.equal(await kv_conn.recv(handle), kv)
+    finally:
+        store._arena = buffer
+    await kv_conn.release(handle)
+    for _ in range(10):
+        await asyncio.sleep(0.5)
+        if not (await store.exists([handle.key]))[0]:
+            break
+    assert not (await store.exists([handle.key]))[0]
+
+
 def test_integrity_checks_name_what_is_wrong() -> None:
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     data = to_bytes(t)
