@@ -28,8 +28,9 @@ from concurrent.futures import Future
 
 import nats
 import torch
+import xxhash
 from epd.connectors.kv import KVConnector, KVTransferError
-from epd.connectors.tensors import checksum, dtype_name, from_bytes
+from epd.connectors.tensors import dtype_name, from_bytes
 from epd.connectors.transfer_engine import TransferError, TransferLink
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, WireError, encode
@@ -150,6 +151,7 @@ class LayerWriter:
         self.batches: list[int] = []
         self.pending: list[Future] = []  # device tensors: writes the sender thread starts
         self.layers_written = 0
+        self._digest = xxhash.xxh64()  # of the KV's bytes, fed as each layer is sent
         self.error: Exception | None = None
         self._closed = False
 
@@ -159,6 +161,9 @@ class LayerWriter:
             return
         if time.monotonic() > self.expires_at - GRANT_MARGIN_S:  # the room may go to another request soon
             self.error = TransferError("the decoder's grant expires before the KV is written")
+            return
+        if layer != self.layers_written:  # a forward ran again (a failed batch, retried item by item)
+            self.error = TransferError(f"layer {layer} came after {self.layers_written} layers: sent again")
             return
         try:
             on_device = keys.device.type != "cpu"
@@ -181,6 +186,9 @@ class LayerWriter:
         self.batches.append(
             self.link.write(self.grant.session, self.offset + at, self.grant.address + at, self.layer_bytes)
         )
+        # the checksum runs along, layer by layer in order (layers come in order, and one thread sends
+        # a device tensor's), instead of over the whole KV after the forward
+        self._digest.update(self.link.view(self.offset + at, self.layer_bytes).numpy())
 
     async def finish(self) -> TensorHandle:
         """Wait for every layer's write; the handle `KVReady` carries. Raises TransferError (the grant freed)."""
@@ -193,8 +201,7 @@ class LayerWriter:
             await self.link.wait_async(self.batches, timeout_s=DRAIN_S)
             if time.monotonic() > self.expires_at - GRANT_MARGIN_S:
                 raise TransferError("the decoder's grant expires before it could load the KV")
-            data = self.link.view(self.offset, self.nbytes).numpy()
-            digest = await asyncio.to_thread(checksum, data)
+            digest = self._digest.intdigest()
         except TransferError:
             await self.abort()
             raise

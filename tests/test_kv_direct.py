@@ -15,7 +15,7 @@ import torch
 from epd.connectors.kv import KVTransferError
 from epd.connectors.kv_direct import DIRECT_PREFIX, KVLanding, KVSender
 from epd.connectors.tensors import TensorIntegrityError
-from epd.connectors.transfer_engine import Arena, TransferLink
+from epd.connectors.transfer_engine import Arena, TransferError, TransferLink
 from epd.ops.config import Settings
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.schemas.decode import KVReserve
@@ -94,6 +94,24 @@ async def test_an_aborted_writer_releases_the_decoders_grant(pair: Pair) -> None
     writer.write_layer(0, kv[0, 0], kv[0, 1])
     assert pair.landing.granted_bytes > 0
     await writer.abort()  # e.g. the request ended at its first token
+    for _ in range(100):
+        if pair.landing.granted_bytes == 0:
+            break
+        await asyncio.sleep(0.02)
+    assert pair.landing.granted_bytes == 0 and pair.sender.link.arena.used == 0
+
+
+async def test_a_forward_run_again_takes_the_store_path(pair: Pair) -> None:
+    """A failed prefill batch is retried item by item: layers come again from 0, and the streamed checksum
+    would not match what landed. The writer refuses, and prefill sends the KV through the store."""
+    kv = kv_of()
+    writer = await pair.sender.open("decoder-1", "req-6", tuple(kv.shape), kv.dtype)
+    writer.write_layer(0, kv[0, 0], kv[0, 1])
+    writer.write_layer(1, kv[1, 0], kv[1, 1])
+    for layer in range(kv.shape[0]):  # the retry
+        writer.write_layer(layer, kv[layer, 0], kv[layer, 1])
+    with pytest.raises(TransferError, match="came after"):
+        await writer.finish()
     for _ in range(100):
         if pair.landing.granted_bytes == 0:
             break
