@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 import nats
 import torch
@@ -37,6 +38,9 @@ from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.common import TensorHandle
 from epd.schemas.decode import KVGrant, KVRelease, KVReserve
 
+if TYPE_CHECKING:
+    from epd.workers.runtime import Load
+
 log = logging.getLogger(__name__)
 
 DIRECT_PREFIX = "direct/"
@@ -48,8 +52,9 @@ DRAIN_S = 10.0  # how long prefill waits for its writes to land
 class KVLanding:
     """A decoder's side: grants ranges of its registered buffer and hands out the KV written into them."""
 
-    def __init__(self, link: TransferLink, ttl_s: float, verify: bool = True) -> None:
-        self.link, self.ttl_s, self.verify = link, ttl_s, verify
+    def __init__(self, link: TransferLink, ttl_s: float, verify: bool = True, load: Load | None = None) -> None:
+        """`load`: the worker's heartbeat figures, kept up to date with the grants."""
+        self.link, self.ttl_s, self.verify, self.load = link, ttl_s, verify, load
         self._grants: dict[str, tuple[int, int, float]] = {}  # grant id -> (offset, nbytes, expires at)
         self._lock = threading.Lock()
         self._decoder = Decoder(KVReserve | KVRelease)
@@ -67,6 +72,9 @@ class KVLanding:
         grant_id = uuid.uuid4().hex
         with self._lock:
             self._grants[grant_id] = (offset, request.nbytes, time.monotonic() + self.ttl_s)
+        if self.load is not None:
+            self.load.kv_grants += 1
+        self._account()
         return KVGrant(
             granted=True,
             grant_id=grant_id,
@@ -80,6 +88,11 @@ class KVLanding:
             grant = self._grants.pop(grant_id, None)
         if grant is not None:
             self.link.arena.free(grant[0])
+            self._account()
+
+    def _account(self) -> None:
+        if self.load is not None:
+            self.load.kv_granted_bytes = self.granted_bytes
 
     def expire(self) -> int:
         """Free the grants past their time; returns how many."""

@@ -104,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "mooncake-master":
         import os
 
+        from epd.ops.bind_guard import preload_env
         from epd.ops.infra import master_argv
 
         argv = master_argv(args.host, args.rpc_port, args.metadata_port, args.metrics_port)
-        os.execv(argv[0], argv)
+        os.execve(argv[0], argv, {**os.environ, **preload_env(args.host)})
     if args.command == "make-tiny-model":
         from epd.ops.tiny_model import build_tiny_qwen2_vl
 
@@ -120,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "up":
         return _up(args, settings)
+    if args.command in ("worker", "gateway"):  # (they run Mooncake clients, whose listeners bind "any")
+        from epd.ops.bind_guard import reexec_guarded
+
+        reexec_guarded(settings.bind_host)
     if args.command == "worker":
         from epd.workers.main import run_worker
 

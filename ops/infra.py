@@ -10,6 +10,7 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epd.ops.bind_guard import preload_env
 from epd.ops.processes import find_binary, free_port, http_ok, port_open, spawn, stop, wait_until
 
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # requests carry encoded images inline
@@ -76,7 +77,7 @@ class MooncakeMaster:
         self.metrics_port = self.metrics_port or free_port(self.host)
         argv = master_argv(self.host, self.rpc_port, self.metadata_port, self.metrics_port, self.lease_ttl_ms)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = spawn(argv, self.workdir / "mooncake_master.log")
+        self.proc = spawn(argv, self.workdir / "mooncake_master.log", env=preload_env(self.host))
         wait_until(
             lambda: port_open(self.host, self.rpc_port) and port_open(self.host, self.metadata_port),
             timeout_s,

@@ -25,3 +25,5 @@ class WorkerStatus(Struct, tag="epd.worker.v1"):
     ec_misses: int = 0
     kv_tokens: int = 0  # tokens of KV cache held by running generations (decoders)
     kv_capacity: int = 0  # tokens of KV cache it may hold (decoders; prefill prefers the most free)
+    kv_grants: int = 0  # direct KV transfers it granted room for since start (decoders)
+    kv_granted_bytes: int = 0  # room granted now and not yet loaded, released or expired

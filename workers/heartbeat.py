@@ -77,6 +77,8 @@ class Heartbeat:
             ec_misses=load.ec_misses,
             kv_tokens=load.kv_tokens,
             kv_capacity=load.kv_capacity,
+            kv_grants=load.kv_grants,
+            kv_granted_bytes=load.kv_granted_bytes,
         )
 
     async def beat(self) -> None:

@@ -94,7 +94,7 @@ def build_role(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> Role
         background = [lambda stop: rescue_loop(rt, stop)]
         if settings.kv_transfer == "direct":
             link = TransferLink(settings, settings.kv_buffer_mb)
-            landing = KVLanding(link, settings.kv_reserve_timeout_s, settings.verify_checksums)
+            landing = KVLanding(link, settings.kv_reserve_timeout_s, settings.verify_checksums, rt.load)
             kv = DirectKVReceiver(landing, kv)
             background.append(lambda stop: landing.serve(rt.nc, rt.worker_id, stop))
         decode = DecodeStage(rt, ckpt, family, kv)

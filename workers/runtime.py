@@ -98,6 +98,8 @@ class Load:
     ec_misses: int = 0
     kv_tokens: int = 0
     kv_capacity: int = 0
+    kv_grants: int = 0
+    kv_granted_bytes: int = 0
 
 
 class Runtime:
