@@ -252,10 +252,10 @@ class LayerWriter:
     async def _sent(self) -> None:
         """Every write the sender thread was given has started (device tensors only)."""
         pending, self.pending = self.pending, []
-        for future in pending:
-            try:
-                await asyncio.wrap_future(future)
-            except (TransferError, RuntimeError) as e:
+        # all of them, even past a failed one: none may still touch the staging range afterwards
+        results = await asyncio.gather(*(asyncio.wrap_future(f) for f in pending), return_exceptions=True)
+        for e in results:
+            if isinstance(e, BaseException):
                 raise TransferError(f"a layer could not be sent: {e}") from None
 
     def _free_staging(self) -> None:
