@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +23,7 @@ import torch
 from epd.ops.config import Settings
 
 ALIGN = 4096  # ranges start on page boundaries
+NAME_ATTEMPTS = 8
 
 
 class TransferError(RuntimeError):
@@ -74,15 +76,23 @@ class TransferLink:
     def __init__(self, settings: Settings, buffer_mb: float) -> None:
         if not settings.mooncake_metadata:
             raise ValueError("the direct KV transfer needs --mooncake-metadata (or EPD_MOONCAKE_METADATA)")
-        os.environ.setdefault("MC_TCP_BIND_ADDRESS", settings.bind_host)  # its listener: this address only
-        from epd.ops.infra import free_port
+        os.environ.setdefault("MC_TCP_BIND_ADDRESS", settings.bind_host)  # the address it advertises
         from mooncake.engine import TransferEngine
 
-        self.engine = TransferEngine()
-        # host:port names this engine's segment; a port of our own keeps several engines on one host apart
-        self.session = f"{settings.reachable_host}:{free_port(settings.bind_host)}"
-        rc = self.engine.initialize(self.session, settings.mooncake_metadata, "tcp", "")
-        if rc != 0:
+        # "host:port" names this engine's segment in the metadata server; the engine listens on a port
+        # of its own choosing. The name's port is held bound (never listening) while this process lives,
+        # so no other engine on this host takes the same name; a name a dead process left registered is
+        # refused ("duplicate"), and the next free port is tried.
+        for _ in range(NAME_ATTEMPTS):
+            self._name = socket.socket()
+            self._name.bind((settings.bind_host, 0))
+            self.session = f"{settings.reachable_host}:{self._name.getsockname()[1]}"
+            self.engine = TransferEngine()
+            rc = self.engine.initialize(self.session, settings.mooncake_metadata, "tcp", "")
+            if rc == 0:
+                break
+            self._name.close()
+        else:
             raise TransferError(f"TransferEngine setup failed (code {rc}) with metadata {settings.mooncake_metadata}")
         size = int(buffer_mb * 2**20)
         # host memory: over TCP, device tensors stage through it (pinned, so the copies are DMA)

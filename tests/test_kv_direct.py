@@ -144,6 +144,32 @@ async def test_an_unloaded_grant_expires(infra_settings: Settings) -> None:
         assert p.sender.link.arena.used == 0
 
 
+def test_a_name_left_by_a_dead_engine_is_skipped(infra_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process killed without a goodbye leaves its engine's name registered; a new engine whose first
+    choice of name is that one (ports are reused) takes the next one instead of failing to start."""
+    import socket
+
+    from epd.connectors import transfer_engine
+    from epd.ops.infra import free_port
+    from mooncake.engine import TransferEngine
+
+    port = free_port("127.0.0.1")
+    ghost = TransferEngine()
+    assert ghost.initialize(f"127.0.0.1:{port}", infra_settings.mooncake_metadata, "tcp", "") == 0
+    first = []
+
+    class FirstBindOnTheGhostsPort(socket.socket):
+        def bind(self, address: tuple) -> None:
+            if not first:
+                first.append(port)
+                return super().bind((address[0], port))
+            return super().bind(address)
+
+    monkeypatch.setattr(transfer_engine.socket, "socket", FirstBindOnTheGhostsPort)
+    link = TransferLink(infra_settings, 1)
+    assert first == [port] and link.session != f"127.0.0.1:{port}"
+
+
 def test_arena_reuses_and_merges_ranges() -> None:
     arena = Arena(64 << 10)
     a, b, c = (arena.alloc(16 << 10) for _ in range(3))
