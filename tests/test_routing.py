@@ -76,6 +76,7 @@ async def test_a_decoder_added_mid_run_takes_load(cluster: Cluster) -> None:
             workers, _ = await gather_status(cluster.settings.nats_url)
             if any(w.pid == extra.pid for w in workers):
                 break
+            assert extra.poll() is None, f"the new decoder exited with {extra.returncode}"
             await asyncio.sleep(0.2)
         body = {**chat_body("Keep talking."), "max_tokens": 40, "ignore_eos": True}
         answers = await asyncio.gather(*(post(cluster, body) for _ in range(6)))
