@@ -50,6 +50,14 @@ class Pair:
         await self.serving
         await self.nc.close()
 
+    async def assert_all_freed(self) -> None:
+        """The decoder's grant (released over NATS, so a moment later) and the sender's staging are free."""
+        for _ in range(100):
+            if self.landing.granted_bytes == 0:
+                break
+            await asyncio.sleep(0.02)
+        assert self.landing.granted_bytes == 0 and self.sender.link.arena.used == 0
+
     async def send(self, kv: torch.Tensor) -> tuple[object, object]:
         writer = await self.sender.open("decoder-1", "req-1", tuple(kv.shape), kv.dtype)
         assert writer is not None
@@ -94,11 +102,7 @@ async def test_an_aborted_writer_releases_the_decoders_grant(pair: Pair) -> None
     writer.write_layer(0, kv[0, 0], kv[0, 1])
     assert pair.landing.granted_bytes > 0
     await writer.abort()  # e.g. the request ended at its first token
-    for _ in range(100):
-        if pair.landing.granted_bytes == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert pair.landing.granted_bytes == 0 and pair.sender.link.arena.used == 0
+    await pair.assert_all_freed()
 
 
 async def test_a_forward_run_again_takes_the_store_path(pair: Pair) -> None:
@@ -112,11 +116,7 @@ async def test_a_forward_run_again_takes_the_store_path(pair: Pair) -> None:
         writer.write_layer(layer, kv[layer, 0], kv[layer, 1])
     with pytest.raises(TransferError, match="came after"):
         await writer.finish()
-    for _ in range(100):
-        if pair.landing.granted_bytes == 0:
-            break
-        await asyncio.sleep(0.02)
-    assert pair.landing.granted_bytes == 0 and pair.sender.link.arena.used == 0
+    await pair.assert_all_freed()
 
 
 async def test_no_room_or_no_decoder_means_the_store_path(pair: Pair) -> None:
