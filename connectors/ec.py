@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 
 import msgspec
 import torch
-from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for
+from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, host_bytes
 from epd.schemas.common import ImageEmbedding, TensorHandle
 
 
@@ -56,7 +56,7 @@ def entry_parts(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple
     Self-describing so that a cache hit found by key alone (no encoder involved)
     still knows its shape and grid. The tensor part is the embedding's own memory (on the host).
     """
-    flat = embedding.detach().contiguous().cpu().view(-1).view(torch.uint8)
+    flat = host_bytes(embedding)
     handle = handle_for(key, embedding, flat.numpy())
     header = _meta_encoder.encode(_Meta(tensor=handle, grid_thw=list(grid_thw)))
     return (

@@ -8,7 +8,7 @@ import logging
 import torch
 from epd.connectors.kv import KVConnector, KVTransferError
 from epd.connectors.mooncake_store import MooncakeStore
-from epd.connectors.tensors import from_bytes, handle_for
+from epd.connectors.tensors import from_bytes, handle_for, host_bytes
 from epd.schemas.common import TensorHandle
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class MooncakeStoreKVConnector(KVConnector):
         self._pending: set[asyncio.Task] = set()
 
     async def send(self, request_id: str, kv: torch.Tensor) -> TensorHandle:
-        flat = kv.detach().contiguous().cpu().view(-1).view(torch.uint8)
+        flat = host_bytes(kv)
         handle = handle_for(KEY_PREFIX + request_id, kv, flat.numpy())
         await self._store.upsert(handle.key, flat)  # copied once, into registered memory
         return handle

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 
 import numpy as np
 import torch
+from epd.connectors.tensors import host_bytes, to_bytes
 from epd.connectors.transfer_engine import Arena
 from epd.ops.config import Settings
 
@@ -89,7 +90,7 @@ class MooncakeStore:
     def _upsert_many(self, keys: list[str], values: list[list[bytes | torch.Tensor]]) -> None:
         sizes = [sum(_nbytes(p) for p in parts) for parts in values]
         if len(keys) == 1 and sizes[0] <= CLIENT_BUFFER:  # the client's own path: one copy into its buffer
-            data = b"".join(_bytes_of(p) for p in values[0])
+            data = b"".join(to_bytes(p) if isinstance(p, torch.Tensor) else p for p in values[0])
             for config in (self._local, self._anywhere, self._anywhere):
                 rc = self._store.upsert(keys[0], data, config)
                 if rc == 0:
@@ -176,14 +177,8 @@ def _nbytes(part: bytes | torch.Tensor) -> int:
     return part.numel() * part.element_size() if isinstance(part, torch.Tensor) else len(part)
 
 
-def _bytes_of(part: bytes | torch.Tensor) -> bytes:
-    if isinstance(part, torch.Tensor):
-        return part.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes()
-    return part
-
-
 def _copy_into(room: torch.Tensor, part: bytes | torch.Tensor) -> None:
     if isinstance(part, torch.Tensor):
-        room.copy_(part.detach().contiguous().cpu().view(-1).view(torch.uint8))
+        room.copy_(host_bytes(part))
     elif part:
         room.numpy()[:] = np.frombuffer(part, dtype=np.uint8)

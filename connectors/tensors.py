@@ -16,9 +16,14 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def host_bytes(t: torch.Tensor) -> torch.Tensor:
+    """The tensor's bytes as a flat uint8 tensor on the host (no copy when it is contiguous there)."""
+    return t.detach().contiguous().cpu().view(-1).view(torch.uint8)
+
+
 def to_bytes(t: torch.Tensor) -> bytes:
     """One copy: the tensor's storage on the host, as raw bytes."""
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+    return host_bytes(t).numpy().tobytes()
 
 
 def checksum(data: bytes | memoryview | np.ndarray) -> int:
