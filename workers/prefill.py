@@ -107,14 +107,15 @@ class PrefillStage:
         if len(ids) >= self.max_len:
             raise RequestFailed(400, f"prompt is {len(ids)} tokens; the model's maximum length is {self.max_len}")
         writer = await self.handoff.open(req.request_id, len(ids), req.sampling.max_tokens)
+        handed_over = False
         try:
-            await self._prefill(req, ids, images, writer)
-            writer = None  # handed over
+            handed_over = await self._prefill(req, ids, images, writer)
         finally:
-            if writer is not None:
+            if writer is not None and not handed_over:  # (the decoder frees the room it granted)
                 await writer.abort()
 
-    async def _prefill(self, req: Request, ids: list[int], images: list[Encoded], writer: LayerWriter | None) -> None:
+    async def _prefill(self, req: Request, ids: list[int], images: list[Encoded], writer: LayerWriter | None) -> bool:
+        """The forward and the first token; True if the request was handed over to decoding."""
         with tracer().start_as_current_span(
             "prefill.forward",
             attributes={
@@ -139,10 +140,10 @@ class PrefillStage:
         reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
         reply = chunk(gen, 0, first, reason)
         await self.rt.reply(req.reply_to, reply)
-        if reply.finish_reason is None:
-            await self.handoff(gen, out, writer)
-        elif writer is not None:
-            await writer.abort()
+        if reply.finish_reason is not None:
+            return False
+        await self.handoff(gen, out, writer)
+        return True
 
     async def _embeddings(self, job: PrefillJob | EmbeddingReady) -> list[Encoded] | None:
         """Every image's embedding, from the cache or encoded inline; None if re-routed to encoders."""
