@@ -59,7 +59,7 @@ class GenerationOptions(BaseModel):
     model: Text
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)  # an extension (as in vLLM): 0 or -1 keeps every token
+    top_k: int = Field(default=0, ge=-1, lt=2**31)  # an extension (as in vLLM): 0 or -1 keeps every token
     seed: int | None = Field(default=None, ge=-(2**63), lt=2**63)
     stream: bool = False
     stream_options: StreamOptions | None = None

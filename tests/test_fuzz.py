@@ -1,6 +1,7 @@
 """Schemathesis against the gateway's own OpenAPI document: generated valid and invalid requests to
 every operation; none may get a 5xx. A client's mistake is a 4xx, always."""
 
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from hypothesis import strategies as st
 from .conftest import start_cluster
 
 pytestmark = pytest.mark.e2e
-EXAMPLES = 40  # per operation and mode
+EXAMPLES = int(os.environ.get("EPD_FUZZ_EXAMPLES", "40"))  # per operation and mode; more for a deeper run
 
 
 @pytest.fixture(scope="module")

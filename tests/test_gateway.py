@@ -115,6 +115,9 @@ async def test_limits_answer_413_and_400_and_the_server_serves_on(cluster: Clust
         assert thin.status_code == 400 and "aspect ratio" in thin.json()["error"]["message"]  # the processor's rule
         r = await client.post("/v1/chat/completions", json={**chat_body("Long?"), "max_tokens": s.max_tokens_limit + 1})
         assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+        # an integer past what the wire carries (64 bits) is refused at the door, not by the encoder's crash
+        r = await client.post("/v1/completions", json={"model": "m", "prompt": "x", "top_k": 10**30})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_k", r.text
         # JSON can escape a lone surrogate, which is no character: the field that holds one is named
         for route, body, field in (
             ("/v1/completions", {"model": "m", "prompt": "a\ud800b"}, "prompt"),
