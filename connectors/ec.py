@@ -66,12 +66,6 @@ def entry_parts(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple
     )
 
 
-def pack_entry(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple[bytes, ImageEmbedding]:
-    """The value of `entry_parts` as one bytes object."""
-    header, flat, ref = entry_parts(key, embedding, grid_thw)
-    return header + flat.numpy().tobytes(), ref
-
-
 def unpack_entry(value: bytes, verify: bool = True) -> tuple[torch.Tensor, list[int]]:
     if len(value) < 4:
         raise TensorIntegrityError(f"encoder-cache value of {len(value)} bytes has no header")

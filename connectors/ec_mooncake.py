@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from epd.connectors.ec import ECConnector, entry_parts, pack_entry, unpack_entry
+from epd.connectors.ec import ECConnector, entry_parts, unpack_entry
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.schemas.common import ImageEmbedding
 
@@ -18,16 +18,14 @@ class MooncakeECConnector(ECConnector):
         return await self._store.exists([KEY_PREFIX + k for k in keys])
 
     async def save(self, key: str, embedding: torch.Tensor, grid_thw: list[int]) -> ImageEmbedding:
-        value, ref = pack_entry(key, embedding, grid_thw)
-        await self._store.upsert(KEY_PREFIX + key, value)  # put would keep a stale value
-        return ref
+        return (await self.save_many([(key, embedding, grid_thw)]))[0]
 
     async def load(self, key: str) -> tuple[torch.Tensor, list[int]] | None:
-        value = await self._store.get(KEY_PREFIX + key)
-        return None if value is None else unpack_entry(value, self.verify)
+        return (await self.load_many([key]))[0]
 
     async def save_many(self, entries: list[tuple[str, torch.Tensor, list[int]]]) -> list[ImageEmbedding]:
-        """One batched upsert from the store's registered buffer: each embedding is copied once, into it."""
+        """One batched upsert (not put: a stale value must not stay) from the store's registered buffer:
+        each embedding is copied once, into it."""
         parts = [entry_parts(key, embedding, grid) for key, embedding, grid in entries]
         keys = [KEY_PREFIX + key for key, _, _ in entries]
         await self._store.upsert_many(keys, [[header, flat] for header, flat, _ in parts])

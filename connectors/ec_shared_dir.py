@@ -30,7 +30,7 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
 
 class SharedDirECConnector(ECConnector):
     def __init__(self, root: str | Path, capacity_bytes: int, verify: bool = True) -> None:
-        """`verify`: check each entry's xxh64 (kept in its metadata) on load."""
+        """`verify`: check each entry's checksum (kept in its metadata) on load."""
         self.root, self.capacity_bytes, self.verify = Path(root), capacity_bytes, verify
         self.root.mkdir(parents=True, exist_ok=True)
 
@@ -60,7 +60,7 @@ class SharedDirECConnector(ECConnector):
         temp = self.root / f".{key}.{uuid.uuid4().hex}.tmp"
         handle = handle_for(key, tensor, to_bytes(tensor))
         try:
-            metadata = {"grid_thw": json.dumps(grid_thw), "xxh64": str(handle.checksum)}
+            metadata = {"grid_thw": json.dumps(grid_thw), "xxh3_64": str(handle.checksum)}
             save_file({"embedding": tensor}, temp, metadata=metadata)
             os.replace(temp, final)  # atomic: readers see the old entry or the new one, never a part
         finally:
@@ -81,11 +81,11 @@ class SharedDirECConnector(ECConnector):
         try:
             header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
             metadata = header["__metadata__"]
-            grid = json.loads(metadata["grid_thw"])
+            grid, expected = json.loads(metadata["grid_thw"]), int(metadata["xxh3_64"])
             embedding = load(data)["embedding"]
         except (SafetensorError, ValueError, KeyError) as e:
             raise TensorIntegrityError(f"{path.name}: not a valid encoder-cache entry: {e!r}") from None
-        if self.verify and checksum(to_bytes(embedding)) != int(metadata["xxh64"]):
+        if self.verify and checksum(to_bytes(embedding)) != expected:
             raise TensorIntegrityError(f"{path.name}: checksum mismatch")
         return embedding, grid
 

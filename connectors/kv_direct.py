@@ -29,9 +29,8 @@ from typing import TYPE_CHECKING
 
 import nats
 import torch
-import xxhash
 from epd.connectors.kv import KVConnector, KVTransferError
-from epd.connectors.tensors import dtype_name, from_bytes
+from epd.connectors.tensors import dtype_name, from_bytes, new_digest
 from epd.connectors.transfer_engine import TransferError, TransferLink
 from epd.schemas import subjects
 from epd.schemas.codec import Decoder, WireError, encode
@@ -164,7 +163,7 @@ class LayerWriter:
         self.batches: list[int] = []
         self.pending: list[Future] = []  # device tensors: writes the sender thread starts
         self.layers_written = 0
-        self._digest = xxhash.xxh64()  # of the KV's bytes, fed as each layer is sent
+        self._digest = new_digest()  # of the KV's bytes, fed as each layer is sent
         self.error: Exception | None = None
         self._closed = False
 

@@ -17,7 +17,7 @@ KEY_PREFIX = "epd/kv/"
 
 class MooncakeStoreKVConnector(KVConnector):
     def __init__(self, store: MooncakeStore, lease_wait_s: float = 0.25, verify: bool = True) -> None:
-        """`verify`: check the xxh64 of what `recv` reads (`EPD_VERIFY_CHECKSUMS`)."""
+        """`verify`: check the checksum of what `recv` reads (`EPD_VERIFY_CHECKSUMS`)."""
         self._store, self.verify = store, verify
         self._lease_wait_s = lease_wait_s  # reads (and existence checks) pin a key for the lease TTL
         self._pending: set[asyncio.Task] = set()

@@ -69,7 +69,7 @@ class Settings:
     ec_backend: str = field(default_factory=lambda: _env("EPD_EC_BACKEND", "mooncake"))
     ec_dir: str = field(default_factory=lambda: _env("EPD_EC_DIR", ""))
     ec_capacity_mb: float = field(default_factory=lambda: float(_env("EPD_EC_CAPACITY_MB", "4096")))
-    verify_checksums: bool = field(  # xxh64 of every embedding and KV loaded (size, shape, dtype: always)
+    verify_checksums: bool = field(  # XXH3-64 of every embedding and KV loaded (size, shape, dtype: always)
         default_factory=lambda: _env("EPD_VERIFY_CHECKSUMS", "on").lower() not in ("off", "0", "false")
     )
     kv_cache_mb: float = field(default_factory=lambda: float(_env("EPD_KV_CACHE_MB", "512")))

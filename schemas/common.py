@@ -58,7 +58,7 @@ class TensorHandle(Struct):
     shape: list[int]
     dtype: str  # torch dtype name without the prefix: "float32", "bfloat16"
     nbytes: int
-    checksum: int  # xxh64 of the bytes
+    checksum: int  # XXH3-64 of the bytes
 
 
 class ImageEmbedding(Struct):

@@ -190,6 +190,21 @@ async def test_kv_larger_than_the_clients_transfer_buffer(store: MooncakeStore, 
     assert not (await store.exists([handle.key]))[0]
 
 
+async def test_a_store_writes_its_segment_through_at_start_and_frees_it(infra_settings: Settings) -> None:
+    """Start-up writes every page of the segment once (no request pays for first touches), in
+    64 MiB values that it removes: none is left to take room from the cache."""
+    s = MooncakeStore(infra_settings, segment_mb=100)
+    try:
+        touched = [f"epd/touch/{s._store.get_hostname()}/{i}" for i in range(2)]
+        assert await s.exists(touched) == [False, False]
+        value = torch.randn(60 << 18)  # 60 MiB: would not fit beside a leftover
+        await s.upsert("after-touch", value)
+        assert (await s.get("after-touch")) == bytearray(to_bytes(value))
+        assert await s.remove("after-touch")
+    finally:
+        s.close()
+
+
 def test_integrity_checks_name_what_is_wrong() -> None:
     t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
     data = to_bytes(t)
