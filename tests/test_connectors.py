@@ -151,6 +151,11 @@ async def test_shared_dir_writes_whole_entries_and_checks_them(tmp_path: Path) -
     assert (await lax.load("k")) is not None  # EPD_VERIFY_CHECKSUMS=off reads it as it is
     with pytest.raises(ValueError, match="plain file name"):
         ec.path("../escape")
+    # an entry from before checksums were XXH3-64 is a miss, and goes: the encoder writes it anew
+    from safetensors.torch import save_file
+
+    save_file({"embedding": versions[0]}, ec.path("old"), metadata={"grid_thw": "[1, 8, 32]", "xxh64": "1"})
+    assert await ec.load("old") is None and await ec.exists(["old"]) == [False]
 
 
 async def test_kv_send_recv_release(store: MooncakeStore) -> None:
