@@ -67,6 +67,8 @@ class MooncakeStore:
         each 4 KiB: 7 MiB took 4.0 ms against 1.0 ms warm on a 2-vCPU machine. This moves that cost
         from the first requests to start-up. Best effort: what does not fit is skipped.
         """
+        if not nbytes:  # (a client that lends no memory: the gateway's)
+            return
         chunk = STAGING_MB << 20
         keys = [f"epd/touch/{self._store.get_hostname()}/{i}" for i in range(-(-nbytes // chunk))]
         sizes = [min(chunk, nbytes - i * chunk) for i in range(len(keys))]
