@@ -1,37 +1,69 @@
-# Two entry points: `make serve` and `make test`. Both set up on first use.
-VENV   := .venv
-PY     := $(VENV)/bin/python
-STAMP  := $(VENV)/.installed
-ARGS   ?=
+# Two entry points: `make serve` and `make test`. Both set up on first use, from the lock (lock/*.txt).
+VENV    := .venv
+PY      := $(VENV)/bin/python
+PYTHON  ?= python3
+ARGS    ?=
+# The locks are resolved for CPython 3.11 on x86_64 Linux (Debian bookworm's python3).
+LOCK_PY := 3.11
 
-.PHONY: serve test lint clean
+.PHONY: serve test lint lock check-latest clean system
 
-serve: $(STAMP)
+serve: $(VENV)/.serve
 	$(VENV)/bin/epd up $(ARGS)
 
-test: $(STAMP)
+test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
-lint: $(STAMP)
+lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
-$(STAMP): pyproject.toml ops/bind_shim.c
+# Every lock again from pyproject.toml and lock/*.in (uv, pinned in the test lock). Commit the result.
+lock: $(VENV)/.test
+	UV=$(VENV)/bin/uv bash lock/compile.sh
+
+# An early warning, not CI: the newest releases pyproject.toml's ranges allow (torch held at the lock's build),
+# in a virtual environment of their own, through the engine and gateway tests.
+check-latest: system
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	grep -E '^torch==' lock/test-cpu.txt | cut -d' ' -f1 > .venv-latest/torch-pin.txt
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -c .venv-latest/torch-pin.txt -e ".[cpu,test]"
+	cc -O2 -shared -fPIC -o .venv-latest/lib/epd_bind_shim.so ops/bind_shim.c -ldl
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(torch|transformers|tokenizers|nats-py|msgspec|fastapi|pyyaml|mooncake)' 
+	.venv-latest/bin/python -m pytest -q -p no:cacheprovider tests/test_engine.py tests/test_batching.py \
+	  tests/test_families.py tests/test_conventions.py tests/test_gateway.py
+
+$(VENV)/.serve: lock/serve-cpu.txt ops/bind_shim.c | system
+	$(MAKE) venv
+	$(PY) -m pip install -q --require-hashes --no-deps -r lock/serve-cpu.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	cc -O2 -shared -fPIC -o $(VENV)/lib/epd_bind_shim.so ops/bind_shim.c -ldl
+	touch $@
+
+$(VENV)/.test: lock/test-cpu.txt ops/bind_shim.c | system
+	$(MAKE) venv
+	$(PY) -m pip install -q --require-hashes --no-deps -r lock/test-cpu.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	cc -O2 -shared -fPIC -o $(VENV)/lib/epd_bind_shim.so ops/bind_shim.c -ldl
+	touch $@ $(VENV)/.serve
+
+.PHONY: venv
+venv:
+	@$(PYTHON) -c 'import sys; v = "%d.%d" % sys.version_info[:2]; sys.exit(0 if v == "$(LOCK_PY)" else \
+	  "the locks are for Python $(LOCK_PY), and $(PYTHON) is " + v + ": run with PYTHON=python$(LOCK_PY), or `make lock` for this one")'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+
+# Debian packages: libibverbs1 (Mooncake's wheel links it), a C compiler (ops/bind_shim.c), venv.
+system:
 	@if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then \
 	  echo "installing libibverbs1 (Mooncake needs it)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libibverbs1; fi
 	@if ! command -v cc >/dev/null; then \
 	  echo "installing a C compiler (for ops/bind_shim.c: Mooncake's listeners on EPD_BIND_HOST)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; fi
-	@if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
+	@if ! $(PYTHON) -c "import venv, ensurepip" 2>/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; fi
-	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned, so nothing pulls a CUDA build onto a CPU machine
-	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[cpu,test]"
-	cc -O2 -shared -fPIC -o $(VENV)/lib/epd_bind_shim.so ops/bind_shim.c -ldl
-	touch $(STAMP)
 
 clean:
-	rm -rf $(VENV) .epd .pytest_cache
+	rm -rf $(VENV) .venv-latest .epd .pytest_cache

@@ -13,10 +13,11 @@ an adapter adds what differs: the vision tower, and the prompt's 3-D positions.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Protocol
 
 import torch
@@ -61,6 +62,20 @@ def _layer_router(sinks: list[LayerSink | None], lengths: list[int]) -> Callable
                 sink.write_layer(layer, keys[row, :, :n], values[row, :, :n])
 
     return on_layer
+
+
+@cache
+def _cache_argument(cls: type) -> str:
+    params = inspect.signature(cls.forward).parameters
+    for name in ("cache", "past_key_values"):  # 5.24 renamed past_key_values to cache
+        if name in params:
+            return name
+    raise TypeError(f"{cls.__name__}.forward takes neither `cache` nor `past_key_values`: {list(params)}")
+
+
+def cache_argument(text_model: Any) -> str:
+    """The name under which this transformers version's text model takes a cache object."""
+    return _cache_argument(type(text_model))
 
 
 class Family(ABC):
@@ -121,7 +136,7 @@ class Family(ABC):
             inputs_embeds=embeds,
             attention_mask={"full_attention": self._mask(mask[:, None])},
             position_ids=positions,
-            past_key_values=view,
+            **{cache_argument(self.text): view},
             use_cache=True,
         )
         last = out.last_hidden_state[torch.arange(batch, device=self.device), length - 1]
@@ -142,7 +157,7 @@ class Family(ABC):
             inputs_embeds=self.text.embed_tokens(ids),
             attention_mask={"full_attention": self._mask(view.mask)},
             position_ids=pos,
-            past_key_values=view,
+            **{cache_argument(self.text): view},
             use_cache=True,
         )
         return self.model.lm_head(out.last_hidden_state[:, -1]).float()

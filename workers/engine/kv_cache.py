@@ -106,6 +106,19 @@ def table_rows(tables: list[list[int]], width: int, fill: int) -> list[list[int]
     return [t[:width] + [fill] * (width - len(t[:width])) for t in tables]
 
 
+def layer_of(args: tuple, kwargs: dict) -> int:
+    """The layer index of a `Cache.update(keys, values, layer_idx, ...)` call, in any convention that transformers
+    5.x has used: positional (up to 5.23, then `cache_kwargs`), or `layer_idx=` by keyword; the rest (5.24's
+    `kwargs=`) is ignored. Anything else fails here, naming the call, rather than deep inside attention."""
+    layer = args[0] if args else kwargs.get("layer_idx")
+    if not isinstance(layer, int):
+        raise TypeError(
+            f"transformers called Cache.update(keys, values, *{args!r}, **{sorted(kwargs)!r}): "
+            "no layer index as the third argument or `layer_idx=`; this calling convention is not supported"
+        )
+    return layer
+
+
 class StepView:
     """One decode step's window on the cache, in the shape of a transformers `Cache` (only `update`).
 
@@ -122,8 +135,9 @@ class StepView:
         # (batch, 1, 1, keys): a sequence attends to its own tokens and the new one
         self.mask = (keys[None, :] <= lengths[:, None])[:, None, None, :]
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *_: object) -> tuple[torch.Tensor, ...]:
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: object, **kwargs: object) -> tuple:
         """Store the step's (batch, kv_heads, 1, head_dim) keys and values; return all of each sequence's."""
+        layer = layer_of(args, kwargs)
         block, offset = self._slot
         k, v = self.cache.k[layer], self.cache.v[layer]
         k[block, :, offset] = keys[:, :, 0]
@@ -147,7 +161,8 @@ class PrefillView:
         self.values: dict[int, torch.Tensor] = {}
         self.on_layer = on_layer
 
-    def update(self, keys: torch.Tensor, values: torch.Tensor, layer: int, *_: object) -> tuple[torch.Tensor, ...]:
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args: object, **kwargs: object) -> tuple:
+        layer = layer_of(args, kwargs)
         self.keys[layer], self.values[layer] = keys, values
         if self.on_layer is not None:
             self.on_layer(layer, keys, values)
