@@ -1,5 +1,8 @@
 """One router for HTTP and NATS clients: which stage a request goes to first.
 
+Image bytes enter the system here, once: each image is checked, stored in the image store under its content
+key, and the request goes on with keys only (no message carries image bytes).
+
 - text only                    -> prefill
 - images, all in the EC cache  -> prefill, with their keys (no encoder involved)
 - images, some missing         -> encode, naming only the missing ones that no other request is
@@ -11,10 +14,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import nats
 from epd.connectors.ec import ECConnector
+from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
 from epd.ops import metrics
 from epd.ops.tracing import tracer
@@ -69,6 +74,7 @@ class EncodeClaims:
 class Router:
     def __init__(self, rt: Runtime, keys: KeySpace, ec: ECConnector | None) -> None:
         self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
+        self.images = ImageStore(rt.js, rt.settings.image_ttl_s)
         self.claims = EncodeClaims(rt.js)
         self.live: Callable[[str], Awaitable[bool]] = _always_live  # the gateway plugs in its view of the pool
         self.pool_size: Callable[[str], int] = _one
@@ -107,20 +113,34 @@ class Router:
         images = req.images()
         if len(images) > self.settings.max_images:
             raise ApiError(413, f"{len(images)} images; this server takes at most {self.settings.max_images}")
-        for i, image in enumerate(images):
-            try:
-                open_image(image.data, i, self.settings.max_image_pixels)
-            except ImageTooLarge as e:
-                raise ApiError(413, str(e), param="messages") from None
-            except BadImage as e:
-                raise ApiError(400, str(e), param="messages") from None
+        if any(not im.data for im in images):
+            raise ApiError(400, "an image part has no bytes", param="messages")
+
+    def _check_image(self, image: ImagePart, i: int) -> str:
+        """Decodable and within the pixel limit (a 400 or 413 naming it otherwise); its content key."""
+        try:
+            open_image(image.data, i, self.settings.max_image_pixels)
+        except ImageTooLarge as e:
+            raise ApiError(413, str(e), param="messages") from None
+        except BadImage as e:
+            raise ApiError(400, str(e), param="messages") from None
+        return self.keys.key(image.data)
+
+    async def _store_images(self, images: list[ImagePart]) -> list[str]:
+        """Check each image off the event loop, store its bytes once, and leave only its key in the request."""
+        keys = [await asyncio.to_thread(self._check_image, im, i) for i, im in enumerate(images)]
+        with tracer().start_as_current_span("images.put", attributes={"epd.bytes": sum(len(im.data) for im in images)}):
+            await asyncio.gather(*(self.images.put(k, im.data) for k, im in zip(keys, images, strict=True)))
+        for key, image in zip(keys, images, strict=True):
+            image.key, image.nbytes, image.data = key, len(image.data), b""
+        return keys
 
     async def route(self, req: Request) -> str:
-        """Validate and publish; returns the subject the request went to."""
+        """Validate, store the images, and publish; returns the subject the request went to."""
         self.validate(req)
         images = req.images()
         with tracer().start_as_current_span("route", attributes={"epd.images": len(images)}) as span:
-            keys = [self.keys.key(im.data) for im in images]
+            keys = await self._store_images(images)
             present = await self.ec.exists(keys) if (self.ec and keys) else [False] * len(keys)
             missing = [i for i, p in enumerate(present) if not p]
             span.set_attribute("epd.ec_hits", len(keys) - len(missing))
@@ -158,8 +178,8 @@ def split_images(indexes: list[int], images: list[ImagePart], ways: int) -> list
     """`indexes` in at most `ways` parts of about equal bytes (largest first, each to the lightest part)."""
     parts: list[list[int]] = [[] for _ in range(min(ways, len(indexes)))]
     weight = [0] * len(parts)
-    for i in sorted(indexes, key=lambda i: -len(images[i].data)):
+    for i in sorted(indexes, key=lambda i: -images[i].nbytes):
         k = weight.index(min(weight))
         parts[k].append(i)
-        weight[k] += len(images[i].data)
+        weight[k] += images[i].nbytes
     return [sorted(p) for p in parts]

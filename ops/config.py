@@ -64,6 +64,7 @@ class Settings:
         default_factory=lambda: _env("EPD_INLINE_ENCODE", "fallback").lower() not in ("off", "0", "false")
     )
     encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
+    image_ttl_s: float = field(default_factory=lambda: float(_env("EPD_IMAGE_TTL_S", "3600")))
     max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
     pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
     ec_backend: str = field(default_factory=lambda: _env("EPD_EC_BACKEND", "mooncake"))
@@ -207,6 +208,7 @@ class Settings:
             "EPD_MAX_BATCH": str(self.max_batch),
             "EPD_MAX_INFLIGHT": str(self.max_inflight),
             "EPD_ENCODE_WAIT_S": str(self.encode_wait_s),
+            "EPD_IMAGE_TTL_S": str(self.image_ttl_s),
             "EPD_INLINE_ENCODE": "fallback" if self.inline_encode else "off",
             "EPD_POOL_GRACE_S": str(self.pool_grace_s),
             "EPD_NATS_CREDS": self.nats_creds,

@@ -18,9 +18,12 @@ class TextPart(Struct, tag="text"):
 
 
 class ImagePart(Struct, tag="image"):
-    """An image as the client sent it: encoded file bytes (PNG, JPEG, ...), never pixels."""
+    """An image: encoded file bytes (PNG, JPEG, ...), never pixels. A client sends `data`; the gateway stores
+    the bytes in the image store (`connectors/image_store.py`) and passes on only their `key` and size."""
 
-    data: bytes
+    data: bytes = b""
+    key: str = ""  # the content key of the bytes in the image store, once stored
+    nbytes: int = 0
 
 
 class Message(Struct):

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 
 from epd.connectors.ec import ECConnector
+from epd.connectors.image_store import ImageMissing, ImageStore
 from epd.ops import metrics
 from epd.ops.tracing import tracer
 from epd.schemas import subjects
-from epd.schemas.common import ImageEmbedding
+from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.workers.engine.family import Encoded, Family, ImageRejected
 from epd.workers.errors import RequestFailed
@@ -23,8 +24,8 @@ class ImageEncoder:
     and each image key encoded once at a time: a request whose image this process is already
     encoding for another request waits for that encode instead of repeating it."""
 
-    def __init__(self, family: Family, ec: ECConnector, max_batch: int) -> None:
-        self.ec = ec
+    def __init__(self, family: Family, ec: ECConnector, max_batch: int, images: ImageStore) -> None:
+        self.ec, self.images = ec, images
         self.batcher = MicroBatcher(self._run, max_batch, "encode")
         self._family = family
         self._inflight: dict[str, asyncio.Future] = {}  # key -> its ImageEmbedding, or None if that encode failed
@@ -73,11 +74,7 @@ class ImageEncoder:
     async def _encode_and_save(self, job: EncodeJob, missing: list[int], refs: list[ImageEmbedding]) -> None:
         if not missing:
             return
-        images = job.request.images()
-        try:
-            pictures = [open_image(images[i].data, i) for i in missing]
-        except BadImage as e:
-            raise RequestFailed(400, str(e)) from None
+        pictures = await self._fetch(job, missing)
         with tracer().start_as_current_span(
             "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
         ) as span:
@@ -97,6 +94,22 @@ class ImageEncoder:
             refs[i] = ref
 
 
+    async def _fetch(self, job: EncodeJob, indexes: list[int]) -> list[Image.Image]:
+        """The images to encode, from the image store (only these: not the request's others), decoded."""
+        parts = job.request.images()
+        try:
+            data = await asyncio.gather(*(self._bytes(parts[i]) for i in indexes))
+        except ImageMissing as e:
+            raise RequestFailed(503, f"{e}: send the request again", "server_error") from None
+        try:
+            return await asyncio.to_thread(lambda: [open_image(d, i) for d, i in zip(data, indexes, strict=True)])
+        except BadImage as e:
+            raise RequestFailed(400, str(e)) from None
+
+    async def _bytes(self, part: ImagePart) -> bytes:
+        return part.data or await self.images.get(part.key)
+
+
 class EncodeStage:
     name = "encode"
     subject = subjects.ENCODE
@@ -105,7 +118,7 @@ class EncodeStage:
     def __init__(self, rt: Runtime, family: Family, ec: ECConnector) -> None:
         self.rt, self.family, self.ec = rt, family, ec
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
-        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch)
+        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, ImageStore(rt.js, rt.settings.image_ttl_s))
 
     async def handle(self, job: EncodeJob) -> None:
         refs = await self.encoder.encode(job)

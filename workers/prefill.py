@@ -7,6 +7,7 @@ import logging
 from typing import Protocol
 
 from epd.connectors.ec import ECConnector
+from epd.connectors.image_store import ImageStore
 from epd.connectors.kv import KVConnector
 from epd.connectors.kv_direct import KVSender, LayerWriter
 from epd.connectors.transfer_engine import TransferError
@@ -68,7 +69,8 @@ class PrefillStage:
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
         self.eos = ckpt.eos_token_ids()
         self.max_len = ckpt.max_model_len()
-        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch)  # inline encoding
+        images = ImageStore(rt.js, rt.settings.image_ttl_s)
+        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images)  # inline encoding
         # padded tokens in one forward at most: a long prompt is not batched with short ones
         self.batcher = MicroBatcher(
             self._forward,
