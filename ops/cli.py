@@ -8,41 +8,26 @@ import logging
 import sys
 from pathlib import Path
 
-from epd.ops.config import ROLES, TOPOLOGIES, Settings
+from epd.ops.config import ROLES, Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    changes = {
-        k: v
-        for k, v in {
-            "model": args.model,
-            "served_model_name": args.served_model_name,
-            "topology": getattr(args, "topology", None),
-            "nats_url": args.nats_url,
-            "mooncake_master": args.mooncake_master,
-            "mooncake_metadata": args.mooncake_metadata,
-            "host": args.host,
-            "port": args.port,
-            "device": args.device,
-            "dtype": args.dtype,
-            "trace_dir": args.trace_dir,
-        }.items()
-        if v is not None
-    }
-    return Settings(**changes)
+    """The environment's settings, with the flags given on the command line over them."""
+    changes = {f.name: getattr(args, f.name, None) for f in Settings.flags()}
+    return Settings(**{k: v for k, v in changes.items() if v is not None})
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, help="checkpoint directory (EPD_MODEL)")
-    p.add_argument("--served-model-name", help="name clients use (EPD_SERVED_MODEL_NAME; default: folder name)")
-    p.add_argument("--nats-url", help="an existing NATS server (EPD_NATS_URL)")
-    p.add_argument("--mooncake-master", help="an existing Mooncake master host:port (EPD_MOONCAKE_MASTER)")
-    p.add_argument("--mooncake-metadata", help="its HTTP metadata URL (EPD_MOONCAKE_METADATA)")
-    p.add_argument("--host", help="HTTP bind address (EPD_HOST, default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="HTTP port (EPD_PORT, default 8000)")
-    p.add_argument("--device", help="cpu, cuda:N or npu:N (EPD_DEVICE)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="weights dtype (EPD_DTYPE)")
-    p.add_argument("--trace-dir", help="write spans as JSON lines here (EPD_TRACE_DIR)")
+    """A flag for every setting declared with `flag=True` (ops/config.py), its help naming the variable."""
+    for f in Settings.flags():
+        meta = f.metadata
+        kind = meta["kind"]
+        p.add_argument(
+            "--" + f.name.replace("_", "-"),
+            type=kind if kind is not str else None,
+            choices=meta["choices"],
+            help=f"{meta['help']} ({meta['env']})",
+        )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,7 +36,6 @@ def parser() -> argparse.ArgumentParser:
 
     up = sub.add_parser("up", help="NATS, Mooncake master, gateway and workers on this machine")
     _common(up)
-    up.add_argument("--topology", choices=TOPOLOGIES, help="epd, e-pd or e-p-d (EPD_TOPOLOGY, default e-p-d)")
     up.add_argument("--workdir", type=Path, default=Path(".epd"), help="logs, traces, NATS data (default .epd)")
     up.add_argument("--encoders", type=int, default=1, help="encode workers (e-pd, e-p-d)")
     up.add_argument("--prefills", type=int, default=1, help="prefill workers; pd workers in e-pd, epd workers in epd")
@@ -60,11 +44,9 @@ def parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run one worker")
     w.add_argument("role", choices=ROLES)
     _common(w)
-    w.add_argument("--topology", choices=TOPOLOGIES)
 
     g = sub.add_parser("gateway", help="run the HTTP and NATS gateway")
     _common(g)
-    g.add_argument("--topology", choices=TOPOLOGIES)
 
     t = sub.add_parser("trace", help="a request's waterfall, or the last or slowest requests")
     t.add_argument("request_id", nargs="?", help="the `id` of a chat completion response, or a trace id")

@@ -11,6 +11,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 TOPOLOGIES = ("epd", "e-pd", "e-p-d")
 ROLES = ("encode", "prefill", "decode", "pd", "epd")
@@ -20,76 +21,109 @@ EC_BACKENDS = ("mooncake", "shared-dir")  # the aggregated epd topology keeps em
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name, default)
+class SettingError(ValueError):
+    """A setting's value that cannot be read; the message names the variable and the value."""
+
+
+def parse(env: str, raw: str, kind: type, words: tuple[str, str] = ("on", "off")) -> Any:
+    """`raw` as `kind`; a SettingError naming `env` and the value if it is not one."""
+    if kind is bool:
+        value = raw.strip().lower()
+        if value in (words[0], "on", "1", "true", "yes"):
+            return True
+        if value in (words[1], "off", "0", "false", "no"):
+            return False
+        raise SettingError(f"{env}={raw!r} is not {words[0]} or {words[1]}")
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SettingError(f"{env}={raw!r} is not a valid {kind.__name__}") from None
+
+
+def setting(
+    env: str,
+    default: Any,
+    help: str,  # noqa: A002 - argparse's word
+    flag: bool = False,
+    choices: tuple[str, ...] | None = None,
+    words: tuple[str, str] = ("on", "off"),
+) -> Any:
+    """One setting, declared once. Its environment variable, default and help drive the field's default (the
+    variable when set), `Settings.env()`, and with `flag` the CLI's `--name`. `words`: a bool's two spellings."""
+    kind = Path if isinstance(default, Path) else type(default)
+
+    def read() -> Any:
+        return parse(env, os.environ[env], kind, words) if env in os.environ else default
+
+    meta = {"env": env, "help": help, "flag": flag, "choices": choices, "words": words, "kind": kind}
+    return field(default_factory=read, metadata=meta)
 
 
 # The demo checkpoint that ships with the project (trained by `python -m epd.ops.demo_model`).
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "epd-demo-qwen2-vl"
 
 
-def default_model_dir() -> Path:
-    return Path(_env("EPD_MODEL", str(DEMO_MODEL)))
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Everything a process of epd reads. Validated on construction."""
+    """Everything a process of epd reads, each setting declared once (`setting`). Validated on construction."""
 
-    model: Path = field(default_factory=default_model_dir)
-    served_model_name: str = field(default_factory=lambda: _env("EPD_SERVED_MODEL_NAME", ""))
-    topology: str = field(default_factory=lambda: _env("EPD_TOPOLOGY", "e-p-d"))
-    nats_url: str = field(default_factory=lambda: _env("EPD_NATS_URL", ""))
-    mooncake_master: str = field(default_factory=lambda: _env("EPD_MOONCAKE_MASTER", ""))
-    mooncake_metadata: str = field(default_factory=lambda: _env("EPD_MOONCAKE_METADATA", ""))
-    mooncake_segment_mb: int = field(default_factory=lambda: int(_env("EPD_MOONCAKE_SEGMENT_MB", "256")))
-    bind_host: str = field(default_factory=lambda: _env("EPD_BIND_HOST", "127.0.0.1"))
-    advertise_host: str = field(default_factory=lambda: _env("EPD_ADVERTISE_HOST", ""))
-    host: str = field(default_factory=lambda: _env("EPD_HOST", "127.0.0.1"))
-    port: int = field(default_factory=lambda: int(_env("EPD_PORT", "8000")))
-    device: str = field(default_factory=lambda: _env("EPD_DEVICE", "cpu"))
-    dtype: str = field(default_factory=lambda: _env("EPD_DTYPE", "float32"))
-    request_timeout_s: float = field(default_factory=lambda: float(_env("EPD_REQUEST_TIMEOUT_S", "300")))
-    ack_wait_s: float = field(default_factory=lambda: float(_env("EPD_ACK_WAIT_S", "30")))
-    max_deliver: int = field(default_factory=lambda: int(_env("EPD_MAX_DELIVER", "3")))
-    trace_dir: str = field(default_factory=lambda: _env("EPD_TRACE_DIR", ""))
-    api_keys: str = field(default_factory=lambda: _env("EPD_API_KEYS", ""))  # comma-separated; empty: no auth
-    max_body_mb: float = field(default_factory=lambda: float(_env("EPD_MAX_BODY_MB", "32")))
-    max_images: int = field(default_factory=lambda: int(_env("EPD_MAX_IMAGES", "8")))
-    max_image_mb: float = field(default_factory=lambda: float(_env("EPD_MAX_IMAGE_MB", "20")))
-    image_url_hosts: str = field(default_factory=lambda: _env("EPD_IMAGE_URL_HOSTS", ""))  # empty: remote URLs off
-    image_url_timeout_s: float = field(default_factory=lambda: float(_env("EPD_IMAGE_URL_TIMEOUT_S", "5")))
-    max_image_pixels: int = field(default_factory=lambda: int(_env("EPD_MAX_IMAGE_PIXELS", str(4096 * 4096))))
-    inline_encode: bool = field(  # prefill encodes itself when no encoder is alive or an encode times out
-        default_factory=lambda: _env("EPD_INLINE_ENCODE", "fallback").lower() not in ("off", "0", "false")
+    model: Path = setting("EPD_MODEL", DEMO_MODEL, "checkpoint directory", flag=True)
+    served_model_name: str = setting(
+        "EPD_SERVED_MODEL_NAME", "", "name clients use (default: the folder's name)", flag=True
     )
-    encode_wait_s: float = field(default_factory=lambda: float(_env("EPD_ENCODE_WAIT_S", "30")))
-    image_ttl_s: float = field(default_factory=lambda: float(_env("EPD_IMAGE_TTL_S", "3600")))
-    max_inflight: int = field(default_factory=lambda: int(_env("EPD_MAX_INFLIGHT", "256")))
-    pool_grace_s: float = field(default_factory=lambda: float(_env("EPD_POOL_GRACE_S", "10")))
-    ec_backend: str = field(default_factory=lambda: _env("EPD_EC_BACKEND", "mooncake"))
-    ec_dir: str = field(default_factory=lambda: _env("EPD_EC_DIR", ""))
-    ec_capacity_mb: float = field(default_factory=lambda: float(_env("EPD_EC_CAPACITY_MB", "4096")))
-    verify_checksums: bool = field(  # XXH3-64 of every embedding and KV loaded (size, shape, dtype: always)
-        default_factory=lambda: _env("EPD_VERIFY_CHECKSUMS", "on").lower() not in ("off", "0", "false")
+    topology: str = setting("EPD_TOPOLOGY", "e-p-d", "epd, e-pd or e-p-d", flag=True, choices=TOPOLOGIES)
+    nats_url: str = setting("EPD_NATS_URL", "", "an existing NATS server (default: an embedded one)", flag=True)
+    mooncake_master: str = setting("EPD_MOONCAKE_MASTER", "", "an existing Mooncake master host:port", flag=True)
+    mooncake_metadata: str = setting("EPD_MOONCAKE_METADATA", "", "its HTTP metadata URL", flag=True)
+    mooncake_segment_mb: int = setting("EPD_MOONCAKE_SEGMENT_MB", 256, "memory each worker lends to the store")
+    bind_host: str = setting("EPD_BIND_HOST", "127.0.0.1", "address Mooncake's sockets and worker metrics bind")
+    advertise_host: str = setting("EPD_ADVERTISE_HOST", "", "address other processes reach this one at")
+    host: str = setting("EPD_HOST", "127.0.0.1", "HTTP bind address", flag=True)
+    port: int = setting("EPD_PORT", 8000, "HTTP port", flag=True)
+    device: str = setting("EPD_DEVICE", "cpu", "cpu, cuda:N or npu:N", flag=True)
+    dtype: str = setting("EPD_DTYPE", "float32", "weights dtype", flag=True, choices=DTYPES)
+    request_timeout_s: float = setting("EPD_REQUEST_TIMEOUT_S", 300.0, "HTTP request deadline (504 after)")
+    ack_wait_s: float = setting("EPD_ACK_WAIT_S", 30.0, "JetStream redelivery wait")
+    max_deliver: int = setting("EPD_MAX_DELIVER", 3, "deliveries of a job at most")
+    trace_dir: str = setting("EPD_TRACE_DIR", "", "write spans as JSON lines here", flag=True)
+    api_keys: str = setting("EPD_API_KEYS", "", "comma-separated API keys (empty: no auth)")
+    max_body_mb: float = setting("EPD_MAX_BODY_MB", 32.0, "request body limit (413 over it)")
+    max_images: int = setting("EPD_MAX_IMAGES", 8, "images per request (413 over it)")
+    max_image_mb: float = setting("EPD_MAX_IMAGE_MB", 20.0, "encoded bytes per image (413)")
+    image_url_hosts: str = setting("EPD_IMAGE_URL_HOSTS", "", "hosts image URLs may come from (empty: remote URLs off)")
+    image_url_timeout_s: float = setting("EPD_IMAGE_URL_TIMEOUT_S", 5.0, "time limit of one image fetch")
+    max_image_pixels: int = setting("EPD_MAX_IMAGE_PIXELS", 4096 * 4096, "pixels per image (413)")
+    inline_encode: bool = setting(  # prefill encodes itself when no encoder is alive or an encode times out
+        "EPD_INLINE_ENCODE",
+        True,
+        "prefill encodes when no encoder is alive (fallback), or never (off)",
+        words=("fallback", "off"),
     )
-    kv_cache_mb: float = field(default_factory=lambda: float(_env("EPD_KV_CACHE_MB", "512")))
-    kv_transfer: str = field(default_factory=lambda: _env("EPD_KV_TRANSFER", "direct"))
-    kv_buffer_mb: float = field(default_factory=lambda: float(_env("EPD_KV_BUFFER_MB", "256")))
-    kv_reserve_timeout_s: float = field(default_factory=lambda: float(_env("EPD_KV_RESERVE_TIMEOUT_S", "30")))
-    max_seqs: int = field(default_factory=lambda: int(_env("EPD_MAX_SEQS", "64")))
-    max_batch: int = field(default_factory=lambda: int(_env("EPD_MAX_BATCH", "8")))
-    max_tokens_limit: int = field(default_factory=lambda: int(_env("EPD_MAX_TOKENS", "4096")))
-    nats_creds: str = field(default_factory=lambda: _env("EPD_NATS_CREDS", ""))
-    nats_user: str = field(default_factory=lambda: _env("EPD_NATS_USER", ""))
-    nats_password: str = field(default_factory=lambda: _env("EPD_NATS_PASSWORD", ""))
-    nats_token: str = field(default_factory=lambda: _env("EPD_NATS_TOKEN", ""))
-    nats_tls_ca: str = field(default_factory=lambda: _env("EPD_NATS_TLS_CA", ""))
-    nats_tls_cert: str = field(default_factory=lambda: _env("EPD_NATS_TLS_CERT", ""))
-    nats_tls_key: str = field(default_factory=lambda: _env("EPD_NATS_TLS_KEY", ""))
-    tracing: bool = field(default_factory=lambda: _env("EPD_TRACING", "on").lower() not in ("off", "0", "false"))
-    trace_sample_ratio: float = field(default_factory=lambda: float(_env("EPD_TRACE_SAMPLE_RATIO", "1.0")))
-    metrics_port: int = field(default_factory=lambda: int(_env("EPD_METRICS_PORT", "0")))
+    encode_wait_s: float = setting("EPD_ENCODE_WAIT_S", 30.0, "how long prefill waits for an image being encoded")
+    image_ttl_s: float = setting("EPD_IMAGE_TTL_S", 3600.0, "how long the image store keeps a request's images")
+    max_inflight: int = setting("EPD_MAX_INFLIGHT", 256, "HTTP requests in flight per gateway (429 over it)")
+    pool_grace_s: float = setting("EPD_POOL_GRACE_S", 10.0, "a stage without live workers this long: 503")
+    ec_backend: str = setting("EPD_EC_BACKEND", "mooncake", "the shared encoder cache", choices=EC_BACKENDS)
+    ec_dir: str = setting("EPD_EC_DIR", "", "the shared-dir encoder cache's directory")
+    ec_capacity_mb: float = setting("EPD_EC_CAPACITY_MB", 4096.0, "bound of the shared-dir and in-process caches")
+    verify_checksums: bool = setting("EPD_VERIFY_CHECKSUMS", True, "check every embedding and KV block loaded")
+    kv_cache_mb: float = setting("EPD_KV_CACHE_MB", 512.0, "the KV cache a decoding worker preallocates")
+    kv_transfer: str = setting("EPD_KV_TRANSFER", "direct", "how prefill hands KV over", choices=KV_TRANSFERS)
+    kv_buffer_mb: float = setting("EPD_KV_BUFFER_MB", 256.0, "registered buffer for direct KV transfers")
+    kv_reserve_timeout_s: float = setting("EPD_KV_RESERVE_TIMEOUT_S", 30.0, "KV room granted is freed after this")
+    max_seqs: int = setting("EPD_MAX_SEQS", 64, "sequences in one decoder's continuous batch")
+    max_batch: int = setting("EPD_MAX_BATCH", 8, "requests in one encode or prefill forward")
+    max_tokens_limit: int = setting("EPD_MAX_TOKENS", 4096, "the largest max_tokens a request may ask")
+    nats_creds: str = setting("EPD_NATS_CREDS", "", "NATS credentials file (JWT and NKey)")
+    nats_user: str = setting("EPD_NATS_USER", "", "NATS user")
+    nats_password: str = setting("EPD_NATS_PASSWORD", "", "NATS password")
+    nats_token: str = setting("EPD_NATS_TOKEN", "", "NATS token")
+    nats_tls_ca: str = setting("EPD_NATS_TLS_CA", "", "CA bundle for TLS to NATS")
+    nats_tls_cert: str = setting("EPD_NATS_TLS_CERT", "", "client certificate for TLS to NATS")
+    nats_tls_key: str = setting("EPD_NATS_TLS_KEY", "", "its key")
+    tracing: bool = setting("EPD_TRACING", True, "tracing on or off")
+    trace_sample_ratio: float = setting("EPD_TRACE_SAMPLE_RATIO", 1.0, "share of requests traced")
+    metrics_port: int = setting("EPD_METRICS_PORT", 0, "a worker's Prometheus port (-1 off, 0 a free port)")
 
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
@@ -171,57 +205,13 @@ class Settings:
 
     def env(self) -> dict[str, str]:
         """The settings as environment variables, for child processes."""
-        out = {
-            "EPD_MODEL": str(self.model),
-            "EPD_TOPOLOGY": self.topology,
-            "EPD_NATS_URL": self.nats_url,
-            "EPD_MOONCAKE_MASTER": self.mooncake_master,
-            "EPD_MOONCAKE_METADATA": self.mooncake_metadata,
-            "EPD_MOONCAKE_SEGMENT_MB": str(self.mooncake_segment_mb),
-            "EPD_BIND_HOST": self.bind_host,
-            "EPD_ADVERTISE_HOST": self.advertise_host,
-            "EPD_HOST": self.host,
-            "EPD_PORT": str(self.port),
-            "EPD_DEVICE": self.device,
-            "EPD_DTYPE": self.dtype,
-            "EPD_REQUEST_TIMEOUT_S": str(self.request_timeout_s),
-            "EPD_ACK_WAIT_S": str(self.ack_wait_s),
-            "EPD_MAX_DELIVER": str(self.max_deliver),
-            "EPD_TRACE_DIR": self.trace_dir,
-            "EPD_API_KEYS": self.api_keys,
-            "EPD_MAX_BODY_MB": str(self.max_body_mb),
-            "EPD_MAX_IMAGES": str(self.max_images),
-            "EPD_MAX_IMAGE_PIXELS": str(self.max_image_pixels),
-            "EPD_MAX_IMAGE_MB": str(self.max_image_mb),
-            "EPD_IMAGE_URL_HOSTS": self.image_url_hosts,
-            "EPD_IMAGE_URL_TIMEOUT_S": str(self.image_url_timeout_s),
-            "EPD_MAX_TOKENS": str(self.max_tokens_limit),
-            "EPD_EC_BACKEND": self.ec_backend,
-            "EPD_EC_DIR": self.ec_dir,
-            "EPD_EC_CAPACITY_MB": str(self.ec_capacity_mb),
-            "EPD_VERIFY_CHECKSUMS": "on" if self.verify_checksums else "off",
-            "EPD_KV_CACHE_MB": str(self.kv_cache_mb),
-            "EPD_KV_TRANSFER": self.kv_transfer,
-            "EPD_KV_BUFFER_MB": str(self.kv_buffer_mb),
-            "EPD_KV_RESERVE_TIMEOUT_S": str(self.kv_reserve_timeout_s),
-            "EPD_MAX_SEQS": str(self.max_seqs),
-            "EPD_MAX_BATCH": str(self.max_batch),
-            "EPD_MAX_INFLIGHT": str(self.max_inflight),
-            "EPD_ENCODE_WAIT_S": str(self.encode_wait_s),
-            "EPD_IMAGE_TTL_S": str(self.image_ttl_s),
-            "EPD_INLINE_ENCODE": "fallback" if self.inline_encode else "off",
-            "EPD_POOL_GRACE_S": str(self.pool_grace_s),
-            "EPD_NATS_CREDS": self.nats_creds,
-            "EPD_NATS_USER": self.nats_user,
-            "EPD_NATS_PASSWORD": self.nats_password,
-            "EPD_NATS_TOKEN": self.nats_token,
-            "EPD_NATS_TLS_CA": self.nats_tls_ca,
-            "EPD_NATS_TLS_CERT": self.nats_tls_cert,
-            "EPD_NATS_TLS_KEY": self.nats_tls_key,
-            "EPD_TRACING": "on" if self.tracing else "off",
-            "EPD_TRACE_SAMPLE_RATIO": str(self.trace_sample_ratio),
-            "EPD_METRICS_PORT": str(self.metrics_port),
-        }
-        if self.served_model_name:
-            out["EPD_SERVED_MODEL_NAME"] = self.served_model_name
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = f.metadata["words"][not value] if isinstance(value, bool) else str(value)
         return out
+
+    @classmethod
+    def flags(cls) -> list[dataclasses.Field]:
+        """The settings that are also CLI flags (`--name-with-dashes`)."""
+        return [f for f in dataclasses.fields(cls) if f.metadata["flag"]]

@@ -93,7 +93,6 @@ class ImageEncoder:
         for i, ref in zip(missing, saved, strict=True):
             refs[i] = ref
 
-
     async def _fetch(self, job: EncodeJob, indexes: list[int]) -> list[Image.Image]:
         """The images to encode, from the image store (only these: not the request's others), decoded."""
         parts = job.request.images()
