@@ -23,6 +23,11 @@ def kv_reserve_for(worker_id: str) -> str:
     return f"{PREFIX}.kv.reserve.{worker_id}"
 
 
+def ec_landed(key: str) -> str:
+    """Core NATS (no stream): an encoder saved `key`'s embedding (keys hold no dots); `*` for every key."""
+    return f"{PREFIX}.ec.landed.{key}"
+
+
 # stream name -> its subjects; one durable work-queue stream per stage
 STREAMS = {"EPD_ENCODE": [ENCODE], "EPD_PREFILL": [PREFILL, PREFILL_TEXT], "EPD_DECODE": [DECODE, decode_for("*")]}
 

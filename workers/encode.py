@@ -11,6 +11,7 @@ from epd.ops.tracing import tracer
 from epd.schemas import subjects
 from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EmbeddingReady, EncodeJob
+from epd.workers.ec_events import Landed
 from epd.workers.engine.family import Encoded, Family, ImageRejected
 from epd.workers.errors import RequestFailed
 from epd.workers.images import BadImage, open_image
@@ -24,8 +25,8 @@ class ImageEncoder:
     and each image key encoded once at a time: a request whose image this process is already
     encoding for another request waits for that encode instead of repeating it."""
 
-    def __init__(self, family: Family, ec: ECConnector, max_batch: int, images: ImageStore) -> None:
-        self.ec, self.images = ec, images
+    def __init__(self, family: Family, ec: ECConnector, max_batch: int, images: ImageStore, landed: Landed) -> None:
+        self.ec, self.images, self.landed = ec, images, landed
         self.batcher = MicroBatcher(self._run, max_batch, "encode")
         self._family = family
         self._inflight: dict[str, asyncio.Future] = {}  # key -> its ImageEmbedding, or None if that encode failed
@@ -92,6 +93,7 @@ class ImageEncoder:
             metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
         for i, ref in zip(missing, saved, strict=True):
             refs[i] = ref
+        await self.landed.announce([job.keys[i] for i in missing])  # prefill workers waiting for them wake
 
     async def _fetch(self, job: EncodeJob, indexes: list[int]) -> list[Image.Image]:
         """The images to encode, from the image store (only these: not the request's others), decoded."""
@@ -117,7 +119,8 @@ class EncodeStage:
     def __init__(self, rt: Runtime, family: Family, ec: ECConnector) -> None:
         self.rt, self.family, self.ec = rt, family, ec
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
-        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, ImageStore(rt.js, rt.settings.image_ttl_s))
+        images = ImageStore(rt.js, rt.settings.image_ttl_s)
+        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images, rt.landed)
 
     async def handle(self, job: EncodeJob) -> None:
         refs = await self.encoder.encode(job)

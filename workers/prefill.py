@@ -70,7 +70,7 @@ class PrefillStage:
         self.eos = ckpt.eos_token_ids()
         self.max_len = ckpt.max_model_len()
         images = ImageStore(rt.js, rt.settings.image_ttl_s)
-        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images)  # inline encoding
+        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images, rt.landed)  # inline encoding
         # padded tokens in one forward at most: a long prompt is not batched with short ones
         self.batcher = MicroBatcher(
             self._forward,
@@ -183,24 +183,41 @@ class PrefillStage:
     async def _wait_for(
         self, refs: list[ImageEmbedding], loaded: list[Encoded | None], missing: list[int], pending: list[int]
     ) -> list[int]:
-        """Load `missing` as they arrive; returns what is still missing after the wait.
+        """Load `missing` as encoders announce them (`ec_events.Landed`); returns what is still missing after the wait.
 
-        Just saved by an encoder, a key can hide for a moment behind a concurrent rewrite: a short wait.
         Being encoded for another request (`pending`): up to `EPD_ENCODE_WAIT_S`, as long as that encode takes.
+        Just saved by an encoder, a key can hide for a moment behind a concurrent rewrite: a short wait.
         """
-        waited, delay = 0.0, 0.01
         limit = self.rt.settings.encode_wait_s if set(missing) & set(pending) else 0.2
+        keys = [refs[i].key for i in missing]
+        landed = self.rt.landed.watch(keys)  # before looking: an embedding landing meanwhile still wakes us
+        started = asyncio.get_running_loop().time()
+        deadline = started + limit
         with tracer().start_as_current_span("ec.wait", attributes={"epd.images": len(missing)}) as span:
-            while missing and waited < limit:
-                await asyncio.sleep(delay)
-                waited, delay = waited + delay, min(delay * 2, 0.1)
-                for i in missing:
-                    hit = await self.ec.load(refs[i].key)
-                    loaded[i] = None if hit is None else Encoded(*hit)
-                missing = [i for i, e in enumerate(loaded) if e is None]
-            span.set_attribute("epd.waited_ms", round(waited * 1e3, 1))
+            try:
+                while missing:
+                    landed.clear()  # before looking: what lands after this look sets it again
+                    await self._load_into(refs, loaded, missing)
+                    missing = [i for i in missing if loaded[i] is None]
+                    left = deadline - asyncio.get_running_loop().time()
+                    if not missing or left <= 0:
+                        break
+                    try:
+                        await asyncio.wait_for(landed.wait(), left)
+                    except asyncio.TimeoutError:
+                        await self._load_into(refs, loaded, missing)  # a last look: an event can be missed
+                        missing = [i for i in missing if loaded[i] is None]
+                        break
+            finally:
+                self.rt.landed.forget(keys, landed)
+            span.set_attribute("epd.waited_ms", round((asyncio.get_running_loop().time() - started) * 1e3, 1))
             span.set_attribute("epd.hit", not missing)
         return missing
+
+    async def _load_into(self, refs: list[ImageEmbedding], loaded: list[Encoded | None], indexes: list[int]) -> None:
+        hits = await self.ec.load_many([refs[i].key for i in indexes])
+        for i, hit in zip(indexes, hits, strict=True):
+            loaded[i] = None if hit is None else Encoded(*hit)
 
 
 class RemoteDecode:

@@ -21,6 +21,7 @@ from epd.schemas import subjects
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, TokenChunk
+from epd.workers.ec_events import Landed
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
@@ -115,12 +116,14 @@ class Runtime:
         host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
         self.worker_id = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._cancel_decoder = Decoder(Cancel)
+        self.landed = Landed(nc)  # embeddings announced as they land in the encoder cache (`start` listens)
 
     @classmethod
     async def start(cls, settings: Settings, name: str) -> Runtime:
         rt = cls(settings, await connect(settings, name))
         await ensure_streams(rt.js)
         await rt.nc.subscribe(subjects.CANCEL, cb=rt._on_cancel)
+        rt.landed = await Landed(rt.nc).start()
         return rt
 
     async def _on_cancel(self, msg: nats.aio.msg.Msg) -> None:
