@@ -31,11 +31,13 @@ def run_greedy(ckpt, family, question: str, image: bytes | None, max_new: int) -
     out = family.prefill(ids, encoded)
     tokens = [int(torch.argmax(out.logits))]
     cache = PagedKVCache(family.kv_layout(), 1 << 20)
-    blocks = cache.reserve(len(ids) + max_new)
+    blocks = cache.reserve(len(ids))
     cache.write(blocks, out.kv.clone())  # as if shipped to another process
     while len(tokens) < max_new and tokens[-1] not in ckpt.eos_token_ids():
         length = len(ids) + len(tokens) - 1
-        logits = family.decode_step([tokens[-1]], [length + out.rope_delta], cache.step_view([blocks], [length]))
+        assert cache.grow(blocks, length + 1)  # a block more each time the last one fills
+        step = cache.step_inputs([blocks], [length])
+        logits = family.decode_step([tokens[-1]], [length + out.rope_delta], cache, step)
         tokens.append(int(torch.argmax(logits[0])))
     return tokens
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Encoded, Family, ImageRejected
-from epd.workers.engine.weights import Parts, load_model
+from epd.workers.engine.weights import Parts, load_model, text_from_model
 from PIL import Image
 
 
@@ -15,10 +15,14 @@ class Qwen2VL(Family):
     def __init__(
         self, ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", parts: Parts = "all", model: Any = None
     ) -> None:
-        """`model`: one already built (benchmarks build random weights on the device instead of loading)."""
+        """`model`: a transformers model already built (benchmarks build random weights on the device instead of
+        loading); the language model is then ours with its weights, and `model` keeps its own (the baseline)."""
         self.ckpt = ckpt
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
-        self.model = model if model is not None else load_model(ckpt, self.device, self.dtype, parts)
+        if model is None:
+            self.model, self.text = load_model(ckpt, self.device, self.dtype, parts)
+        else:
+            self.model, self.text = model, text_from_model(model, self.device, self.dtype)
         self.config = self.model.config
         self.image_token_id = int(self.config.image_token_id)
         self.merge = int(self.config.vision_config.spatial_merge_size)

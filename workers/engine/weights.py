@@ -1,11 +1,12 @@
 """Load a checkpoint's weights, all of them or one half: the vision tower, or the language model.
 
 An encode worker never runs the language model and a decode worker never runs the
-vision tower, so each loads only what it runs. The model's skeleton is built with
-initialization off (its tensors are allocated, never written, so the untouched ones
-never become resident), the other half is dropped, and the kept half's tensors are
-read from the safetensors files: one `model.safetensors`, or shards listed in
-`model.safetensors.index.json`, as checkpoints come.
+vision tower, so each loads only what it runs. The vision tower is transformers' module:
+the model's skeleton is built with initialization off (its tensors are allocated, never
+written, so the untouched ones never become resident) and its language half dropped. The
+language model is the project's own (`qwen2_text.py`), its fused projections filled from
+the checkpoint's separate tensors. Both read the safetensors files: one `model.safetensors`,
+or shards listed in `model.safetensors.index.json`, as checkpoints come.
 
 Checkpoints name tensors as the original Qwen-VL releases did (`visual.*`, `model.*`,
 `lm_head.*`); transformers 5 nests them (`model.visual.*`, `model.language_model.*`).
@@ -21,6 +22,9 @@ from typing import Any, Literal
 
 import torch
 from epd.workers.engine.checkpoint import Checkpoint, CheckpointError
+from epd.workers.engine.qwen2_text import Qwen2Text
+
+LANGUAGE = "model.language_model."
 
 Parts = Literal["all", "vision", "language"]
 PARTS: tuple[str, ...] = ("all", "vision", "language")
@@ -52,8 +56,11 @@ def shard_files(path: Path) -> list[Path]:
     raise CheckpointError(f"{path} has no weights: neither model.safetensors nor model.safetensors.index.json")
 
 
-def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, parts: Parts = "all") -> Any:
-    """The model with `parts` loaded; the other half is `None`."""
+def load_model(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, parts: Parts = "all"
+) -> tuple[Any, Qwen2Text | None]:
+    """transformers' model holding the vision tower (`None` unless `parts` has it; its language half is always
+    dropped), and our language model (`None` unless `parts` has it)."""
     from safetensors import safe_open
     from transformers import AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
@@ -62,10 +69,10 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, parts
         raise ValueError(f"parts {parts!r} is not one of {', '.join(PARTS)}")
     with no_init_weights():
         model = AutoModelForImageTextToText.from_config(ckpt.config, dtype=dtype)
-    if parts == "vision":
-        model.model.language_model, model.lm_head = None, None
-    elif parts == "language":
+    model.model.language_model, model.lm_head = None, None
+    if parts == "language":
         model.model.visual = None
+    text = None if parts == "vision" else Qwen2Text(ckpt.config.get_text_config(), device, dtype)
     params = dict(model.named_parameters())
     params.update(model.named_buffers())
     loaded: set[str] = set()
@@ -75,17 +82,30 @@ def load_model(ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, parts
                 name = module_name(key)
                 if not wanted(name, parts):
                     continue
+                if text is not None and (name.startswith(LANGUAGE) or name == "lm_head.weight"):
+                    try:
+                        loaded.add(text.load_weight(name.removeprefix(LANGUAGE), f.get_tensor(key)))
+                    except KeyError:
+                        raise CheckpointError(f"{file.name}: tensor {key!r} does not belong to the language model")
+                    continue
                 if name not in params:
                     raise CheckpointError(f"{file.name}: tensor {key!r} does not belong to {type(model).__name__}")
                 with torch.no_grad():
                     params[name].copy_(f.get_tensor(key))
                 loaded.add(name)
-    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
-    if tied and model.lm_head is not None:
-        model.lm_head.weight = model.model.language_model.embed_tokens.weight
-        loaded.add("lm_head.weight")
-    missing = sorted(n for n, _ in model.named_parameters() if n not in loaded)
+    expected = {n for n, _ in model.named_parameters()} | (text.expected_keys() if text is not None else set())
+    missing = sorted(expected - loaded)
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise CheckpointError(f"{ckpt.path}: the checkpoint lacks {shown}")
-    return model.to(device).eval()
+    return model.to(device).eval(), text
+
+
+def text_from_model(model: Any, device: torch.device, dtype: torch.dtype) -> Qwen2Text:
+    """Our language model with the weights of a transformers model built in memory (benchmarks)."""
+    text = Qwen2Text(model.config.get_text_config(), device, dtype)
+    for name, p in model.model.language_model.named_parameters():
+        text.load_weight(name, p)
+    if model.lm_head is not None:
+        text.load_weight("lm_head.weight", model.lm_head.weight)
+    return text
