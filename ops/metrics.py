@@ -45,8 +45,9 @@ EC_LOOKUPS = Counter("epd_encoder_cache_lookups", "Encoder-cache lookups, by res
 CONNECTOR_BYTES = Counter(
     "epd_connector_bytes", "Bytes moved by a connector", ["connector", "direction"]
 )  # connector: ec | kv; direction: save | load
-KV_TOKENS = Gauge("epd_kv_cache_tokens", "Tokens of KV cache reserved by running generations", ["stage"])
+KV_TOKENS = Gauge("epd_kv_cache_tokens", "Tokens of KV cache held by running generations", ["stage"])
 ACTIVE_SEQUENCES = Gauge("epd_active_sequences", "Sequences being decoded", ["stage"])
+PREEMPTIONS = Counter("epd_preemptions", "Sequences swapped out of a full KV cache, to resume later", ["stage"])
 
 
 def serve_metrics(bind_host: str, port: int, reachable_host: str) -> str:

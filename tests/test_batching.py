@@ -1,4 +1,4 @@
-"""Batching in the engine: packed encode, padded prefill and continuous decode change nobody's tokens.
+"""Batching in the engine: packed encode, packed prefill and continuous decode change nobody's tokens.
 
 Both families, without NATS: the same code the workers run, against transformers' `generate`.
 """
@@ -84,7 +84,7 @@ def test_encoding_images_together_equals_one_at_a_time(engine) -> None:  # noqa:
 def test_prefill_together_equals_one_at_a_time(engine) -> None:  # noqa: ANN001
     _, ckpt, family = engine
     prompts = [prompt(ckpt, family, q, ims) for q, ims in CASES]
-    assert len({len(ids) for ids, _ in prompts}) == len(prompts)  # different lengths: rows are padded
+    assert len({len(ids) for ids, _ in prompts}) == len(prompts)  # different lengths, packed back to back
     for (ids, enc), together in zip(prompts, family.prefill_batch(prompts), strict=True):
         alone = family.prefill(ids, enc)
         assert together.rope_delta == alone.rope_delta and together.kv.shape[3] == len(ids)
@@ -125,24 +125,30 @@ async def test_a_seeded_sample_draws_the_same_tokens_alone_and_in_a_batch(engine
     assert together[0] == alone and len(alone) == MAX_NEW
 
 
-async def test_admission_waits_for_kv_and_refuses_what_can_never_fit(engine) -> None:  # noqa: ANN001
+async def test_a_full_cache_preempts_the_newest_and_every_output_still_equals_generate(engine) -> None:  # noqa: ANN001
+    """Blocks for the prompts, not for what they generate: the cache runs out as they grow, the newest
+    sequences are swapped out and resume later, and nobody's tokens change (none sent twice, none skipped)."""
+    path, ckpt, family = engine
+    new = 40  # every sequence crosses at least two block boundaries
+    expected = [reference(path, q, ims or None, new)[0] for q, ims in CASES]
+    prompts = [prompt(ckpt, family, *case) for case in CASES]
+    layout = family.kv_layout()
+    sizing = PagedKVCache(layout, 1 << 20)
+    blocks = sum(sizing.blocks_for(len(ids) + 1) for ids, _ in prompts) + 1
+    assert max(sizing.blocks_for(len(ids) + new) for ids, _ in prompts) <= blocks  # each fits alone
+    cache, batch = new_batch(ckpt, family, mb=blocks * 16 * layout.bytes_per_token() / 2**20)
+    assert cache.blocks == blocks
+    greedy = SamplingParams(max_tokens=new, temperature=0.0)
+    got = await asyncio.gather(*(generate(batch, family, f"r{i}", *p, greedy) for i, p in enumerate(prompts)))
+    assert batch.preemptions >= 1
+    assert got == expected
+    assert cache.free_tokens == cache.capacity_tokens and not batch.seqs and not batch.preempted
+
+
+async def test_admission_refuses_what_can_never_fit(engine) -> None:  # noqa: ANN001
     _, ckpt, family = engine
     ids, enc = prompt(ckpt, family, *CASES[1])
-    sampling = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
-    layout = family.kv_layout()
-    one = PagedKVCache(layout, 1 << 20).blocks_for(len(ids) + 300)  # blocks one such request reserves
-    budget = (one * 16 + 8) * layout.bytes_per_token() / 2**20  # room for one request, not two
-    cache, batch = new_batch(ckpt, family, mb=budget)
-    first = asyncio.create_task(generate(batch, family, "first", ids, enc, sampling))
-    while not batch.seqs:
-        await asyncio.sleep(0.001)
-    second = asyncio.create_task(generate(batch, family, "second", ids, enc, sampling))
-    assert not first.done()
-    while not second.done():  # the second waits for the first one's blocks: never both at once
-        assert len(batch.seqs) <= 1
-        await asyncio.sleep(0)
-    a, b = await asyncio.gather(first, second)
-    assert a == b and len(a) == 300
+    cache, batch = new_batch(ckpt, family, mb=0.5)
     with pytest.raises(RequestFailed, match="EPD_KV_CACHE_MB") as e:
         await batch.admit("huge", family.prefill(ids, enc).kv, 0, 1, SamplingParams(max_tokens=4000))
     assert e.value.status == 400
@@ -174,11 +180,15 @@ def test_the_cache_gives_back_what_it_was_given() -> None:
     cache = PagedKVCache(layout, 10 * 16 * layout.bytes_per_token())
     assert cache.blocks == 10
     kv = torch.randn(3, 2, 2, 37, 8)
-    blocks = cache.reserve(40)
-    assert blocks is not None and len(blocks) == 3
+    blocks = cache.reserve(30)
+    assert blocks is not None and len(blocks) == 2
+    assert cache.grow(blocks, 37) and len(blocks) == 3  # a block more
+    assert cache.grow(blocks, 48) and len(blocks) == 3  # still fits
     cache.write(blocks, kv)
     assert torch.equal(cache.read(blocks, 37), kv)
+    assert cache.slot(blocks, 33) == blocks[2] * 16 + 1
     assert cache.reserve(8 * 16) is None and cache.free_tokens == 7 * 16  # all or nothing
+    assert not cache.grow(blocks, 11 * 16) and len(blocks) == 3
     cache.release(blocks)
     cache.release(blocks)  # twice frees nothing more
     assert cache.free_tokens == cache.capacity_tokens

@@ -2,9 +2,21 @@
 
 Sequences join between steps (their prompt KV is copied into the cache's blocks) and
 leave between steps (finished, stopped or cancelled; their blocks return to the pool).
-Admission needs a free sequence slot (`EPD_MAX_SEQS`) and the blocks for the whole
-generation (`PagedKVCache.reserve`); a request that cannot have them yet waits, and
-one that could never fit in this decoder's cache is refused with a clear error.
+Admission needs a free sequence slot (`EPD_MAX_SEQS`) and blocks for the prompt and its
+next token; a request that cannot have them yet waits, and one whose whole generation
+(prompt plus `max_tokens`, at most the model's length) could never fit in this decoder's
+cache, even alone, is refused with a clear error.
+
+Blocks are taken as sequences grow: before each step, every sequence, oldest first, gets
+the block its next token needs. When none is free, the NEWEST running sequence is
+preempted by swapping: its KV (prompt and generated tokens alike) is copied to host
+memory, its blocks are freed, and it waits at the head of the queue. (Not by recompute:
+a decoder has neither a prompt's token ids nor its images' embeddings, only its KV.)
+Preempted sequences resume, oldest first, before any new request is admitted, as soon as
+their blocks fit: their KV is written back and they continue from the token they were
+about to feed, so no token is sent twice or skipped. The oldest sequence is never
+preempted by a newer one, and a sequence alone always fits (admission checked), so the
+batch always progresses.
 
 The step loop samples and decides each sequence's finish itself, then queues the token
 for the request's task, which only formats and sends replies: a slow client never
@@ -48,10 +60,11 @@ class Sequence:
     sampling: SamplingParams
     prompt_tokens: int
     rope_delta: int
-    blocks: list[int]
+    blocks: list[int]  # cover `length` tokens, and one more once scheduled for a step
     last: int  # the newest token: the next step feeds it
     generated: int = 1  # tokens generated so far, prefill's first one included
-    kv: torch.Tensor | None = None  # the prompt's KV, until the step loop writes it into the cache
+    # KV to write into `blocks` before the next step: the prompt's at admission, all it held after a preemption
+    kv: torch.Tensor | None = None
     done: bool = False
     # what the step loop produced: (token, finish reason), (None, ABORT), or an exception
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -82,7 +95,9 @@ class DecodeBatch:
             from epd.workers.engine.cuda_graphs import GraphedSteps
 
             self._graphs = GraphedSteps(family, cache, max_seqs)
-        self.seqs: list[Sequence] = []
+        self.seqs: list[Sequence] = []  # running, in admission order: the newest last
+        self.preempted: list[Sequence] = []  # swapped out, the oldest first
+        self.preemptions = 0
         self._room = asyncio.Condition()
         self._runner: asyncio.Task | None = None
         load.kv_capacity = cache.capacity_tokens
@@ -100,7 +115,11 @@ class DecodeBatch:
                 f"a decoder holds {self.cache.capacity_tokens} (EPD_KV_CACHE_MB)",
             )
         async with self._room:
-            while len(self.seqs) >= self.max_seqs or (blocks := self.cache.reserve(need)) is None:
+            while (
+                len(self.seqs) + len(self.preempted) >= self.max_seqs
+                or self.preempted  # those resume first
+                or (blocks := self.cache.reserve(prompt + 1)) is None
+            ):
                 if request_id in self.cancelled:
                     return None
                 try:
@@ -120,13 +139,13 @@ class DecodeBatch:
 
     async def _run(self) -> None:
         try:
-            while self.seqs:
-                for seq in self.seqs:
+            while self.seqs or self.preempted:
+                for seq in self.seqs + self.preempted:
                     if not seq.done and seq.request_id in self.cancelled:
                         seq.out.put_nowait((None, FinishReason.ABORT))
                         seq.done = True
                 await self._release_done()
-                live = list(self.seqs)
+                live = self._schedule()
                 if not live:
                     break
                 metrics.BATCH_SIZE.labels("decode").observe(len(live))
@@ -148,6 +167,29 @@ class DecodeBatch:
         finally:
             self._runner = None
 
+    def _schedule(self) -> list[Sequence]:
+        """The next step's sequences, each with the blocks for one more token (the module's policy)."""
+        while self.preempted and len(self.seqs) < self.max_seqs:
+            seq = self.preempted[0]
+            if not self.cache.grow(seq.blocks, seq.length + 1):
+                break
+            self.seqs.append(self.preempted.pop(0))
+        for seq in list(self.seqs):  # oldest first
+            while seq in self.seqs and not self.cache.grow(seq.blocks, seq.length + 1):
+                self._preempt(self.seqs[-1])
+        self._account()
+        return list(self.seqs)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Swap `seq` out: its KV to host memory (between steps: nothing writes the cache now), its blocks freed."""
+        if seq.kv is None:  # (a sequence admitted but never run still holds its prompt's KV here)
+            seq.kv = self.cache.read(seq.blocks, seq.length).to("cpu")
+        self.cache.release(seq.blocks)
+        self.seqs.remove(seq)
+        self.preempted.insert(0, seq)
+        self.preemptions += 1
+        metrics.PREEMPTIONS.labels("decode").inc()
+
     def _step(self, live: list[Sequence]) -> list[int]:
         """One forward for every live sequence, then each one's next token (in a worker thread)."""
         for seq in live:
@@ -157,23 +199,25 @@ class DecodeBatch:
         tokens, positions = [s.last for s in live], [s.length + s.rope_delta for s in live]
         tables, lengths = [s.blocks for s in live], [s.length for s in live]
         if self._graphs is not None:
-            logits = self._graphs.step(tokens, positions, tables, lengths)
+            logits, greedy = self._graphs.step(tokens, positions, tables, lengths)
         else:
-            logits = self.family.decode_step(tokens, positions, self.cache.step_view(tables, lengths))
-        greedy = logits.argmax(-1).tolist()
+            logits = self.family.decode_step(tokens, positions, self.cache, self.cache.step_inputs(tables, lengths))
+            greedy = logits.argmax(-1)
+        chosen = greedy.tolist()  # the step's one read back to the host
         # a seeded draw depends on the position: the same tokens whichever worker or batch runs it
         return [
-            greedy[i] if s.sampling.temperature < MIN_TEMPERATURE else sample(logits[i], s.sampling, s.length + 1)
+            chosen[i] if s.sampling.temperature < MIN_TEMPERATURE else sample(logits[i].cpu(), s.sampling, s.length + 1)
             for i, s in enumerate(live)
         ]
 
     async def _release_done(self) -> None:
-        done = [s for s in self.seqs if s.done]
+        done = [s for s in self.seqs + self.preempted if s.done]
         if not done:
             return
         for seq in done:
             self.cache.release(seq.blocks)
-            self.seqs.remove(seq)
+            seq.kv = None
+            (self.seqs if seq in self.seqs else self.preempted).remove(seq)
         self._account()
         async with self._room:
             self._room.notify_all()

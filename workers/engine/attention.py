@@ -36,8 +36,10 @@ def triton_kernels() -> ModuleType | None:
     return _kernels  # type: ignore[return-value]
 
 
-def store_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
-    """k, v (tokens, kv_heads, dim) into one layer's cache (blocks, block_tokens, kv_heads, dim) at `slots` (tokens,)."""
+def store_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor
+) -> None:
+    """k, v (tokens, kv_heads, dim) into one layer's cache (blocks, block_tokens, kv_heads, dim) at slots (tokens,)."""
     _, _, heads, dim = k_cache.shape
     k_cache.view(-1, heads, dim).index_copy_(0, slots, k)
     v_cache.view(-1, heads, dim).index_copy_(0, slots, v)

@@ -1,15 +1,20 @@
 """Decode steps replayed from CUDA graphs: a step's hundreds of kernel launches become one.
 
 A decode step of a 7B model runs a few hundred small kernels; launched one by one from
-Python, the launches take longer than the work (the step is bound by launch overhead, not
-by reading the weights). A CUDA graph records the step once and replays it in one launch.
+Python, the launches take longer than the work. A CUDA graph records the step once and
+replays it in one launch, sampling included: the greedy token of each row is chosen on the
+device, so a step reads back one small tensor of tokens.
 
 A graph has fixed shapes and fixed addresses, so each (batch, width) bucket gets its own,
-recorded the first time a step of that shape runs: the batch is rounded up to a power of two
-(at most `max_seqs`), and the block-table width (the longest sequence's blocks) to a power of
-two. Inputs are copied into the graph's own tensors before each replay. Rows past the real
-batch are padding: they read and write one scratch block that no sequence owns, and their
-logits are dropped. Every graph draws its intermediates from one shared memory pool.
+recorded the first time a step of that shape runs: the batch (at most `max_seqs`) and the
+block-table width (the longest sequence's blocks) are rounded up to the next of 1, 2, 4, 6,
+8, 12, 16, 24, 32, 48, 64, ... (a padded row costs little: a step reads the weights once
+whatever its batch); the attention reads each row only up to its
+length, so a wider table costs its copy, not its reads. A step's inputs (tokens, positions,
+slots, lengths, tables) travel in one host-to-device copy into the graph's own buffer. Rows
+past the real batch are padding: length 0 (no attention), their new KV written into one
+scratch block that no sequence owns, their tokens dropped. Every graph draws its
+intermediates from one shared memory pool.
 """
 
 from __future__ import annotations
@@ -18,22 +23,24 @@ from dataclasses import dataclass
 
 import torch
 from epd.workers.engine.family import Family
-from epd.workers.engine.kv_cache import PagedKVCache, StepView, table_rows
+from epd.workers.engine.kv_cache import PagedKVCache, StepInputs, table_rows
 
 
 def bucket(n: int, cap: int | None = None) -> int:
+    """The power of two at or above n, or 1.5 times the one below when that is enough; at most `cap` (if >= n)."""
     b = 1 << max(0, n - 1).bit_length()
+    if b >= 8 and n <= 3 * b // 4:
+        b = 3 * b // 4
     return min(b, cap) if cap is not None and cap >= n else b
 
 
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor
-    positions: torch.Tensor
-    tables: torch.Tensor
-    lengths: torch.Tensor
-    logits: torch.Tensor
+    staged: torch.Tensor  # (4 * batch + batch * width,) int32, pinned host memory
+    inputs: torch.Tensor  # the same on the device: tokens, positions, slots, lengths, then the tables
+    logits: torch.Tensor  # (batch, vocab) float32
+    greedy: torch.Tensor  # (batch,) int64
 
 
 class GraphedSteps:
@@ -48,40 +55,51 @@ class GraphedSteps:
 
     def step(
         self, tokens: list[int], positions: list[int], tables: list[list[int]], lengths: list[int]
-    ) -> torch.Tensor:
-        """(len(tokens), vocab) logits: one step of these sequences, as `Family.decode_step` computes it."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, vocab) logits and (n,) greedy tokens on the device: one step of these n sequences, as
+        `Family.decode_step` computes it (`lengths`: tokens each holds; its blocks cover one more)."""
         n = len(tokens)
-        g = self._graph(bucket(n, self.max_seqs), bucket(self.cache.step_width(lengths)))
-        batch, width = g.tables.shape
+        g = self._graph(bucket(n, self.max_seqs), bucket(max(self.cache.blocks_for(x + 1) for x in lengths)))
+        batch, width = g.logits.shape[0], (g.inputs.numel() - 4 * g.logits.shape[0]) // g.logits.shape[0]
         pad = batch - n
-        rows = table_rows(tables + [[]] * pad, width, fill=self.scratch)
-        g.tokens.copy_(torch.tensor(tokens + [0] * pad), non_blocking=True)
-        g.positions.copy_(torch.tensor(positions + [0] * pad), non_blocking=True)
-        g.tables.copy_(torch.tensor(rows), non_blocking=True)
-        g.lengths.copy_(torch.tensor(lengths + [0] * pad), non_blocking=True)
+        slots = [self.cache.slot(t, x) for t, x in zip(tables, lengths, strict=True)]
+        scratch_slot = self.scratch * self.cache.block_tokens
+        rows = table_rows(tables, width, fill=self.scratch) + [[self.scratch] * width] * pad
+        flat = (
+            tokens + [0] * pad
+            + positions + [0] * pad
+            + slots + [scratch_slot] * pad
+            + [x + 1 for x in lengths] + [0] * pad
+            + [b for row in rows for b in row]
+        )  # fmt: skip
+        g.staged.copy_(torch.tensor(flat, dtype=torch.int32))
+        g.inputs.copy_(g.staged, non_blocking=True)  # one copy: pinned host -> device
         g.graph.replay()
-        return g.logits[:n]
+        return g.logits[:n], g.greedy[:n]
 
     def _graph(self, batch: int, width: int) -> _Graph:
         if (batch, width) in self.graphs:
             return self.graphs[(batch, width)]
         device = self.cache.layout.device
-        tokens = torch.zeros(batch, dtype=torch.long, device=device)
-        positions = torch.zeros(batch, dtype=torch.long, device=device)
-        tables = torch.full((batch, width), self.scratch, dtype=torch.long, device=device)
-        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        inputs = torch.zeros(4 * batch + batch * width, dtype=torch.int32, device=device)
+        tokens, positions, slots, lengths = inputs[: 4 * batch].view(4, batch)
+        tables = inputs[4 * batch :].view(batch, width)
+        slots.fill_(self.scratch * self.cache.block_tokens)
 
-        def run() -> torch.Tensor:
-            return self.family.decode_step(tokens, positions, StepView(self.cache, tables, lengths))
+        def run() -> tuple[torch.Tensor, torch.Tensor]:
+            step = StepInputs(slots.long(), tables, lengths)
+            logits = self.family.decode_step(tokens, positions, self.cache, step)
+            return logits, logits.argmax(-1)
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up off the capture: lazy initializations happen here
+        with torch.cuda.stream(side):  # warm up off the capture: lazy initializations (and Triton's JIT) happen here
             for _ in range(2):
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            logits = run()
-        self.graphs[(batch, width)] = _Graph(graph, tokens, positions, tables, lengths, logits)
+            logits, greedy = run()
+        staged = torch.zeros(inputs.shape, dtype=torch.int32).pin_memory()
+        self.graphs[(batch, width)] = _Graph(graph, staged, inputs, logits, greedy)
         return self.graphs[(batch, width)]

@@ -116,9 +116,7 @@ class Family(ABC):
         with step_context(ctx):
             hidden = self.text(torch.cat(embeds), torch.cat(positions, dim=1))  # (tokens, hidden)
         logits = self.text.logits(hidden[torch.tensor(bounds[1:], device=self.device) - 1])
-        return [
-            Prefilled(logits[i], deltas[i], ctx.kept, bounds[i], bounds[i + 1]) for i in range(len(prompts))
-        ]
+        return [Prefilled(logits[i], deltas[i], ctx.kept, bounds[i], bounds[i + 1]) for i in range(len(prompts))]
 
     @torch.inference_mode()
     def decode_step(

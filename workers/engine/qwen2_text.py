@@ -89,7 +89,9 @@ class Attention(nn.Module):
                     ctx.on_layer(self.layer, k, v)
             o = varlen_prefill(q, k, v, ctx.cu_seqlens, ctx.max_seqlen, self.scale)
         else:
-            o = paged_decode(q, ctx.k_cache[self.layer], ctx.v_cache[self.layer], ctx.block_tables, ctx.seq_lens, self.scale)
+            o = paged_decode(
+                q, ctx.k_cache[self.layer], ctx.v_cache[self.layer], ctx.block_tables, ctx.seq_lens, self.scale
+            )
         return self.o_proj(o.reshape(n, -1))
 
 
@@ -173,7 +175,7 @@ class Qwen2Text(nn.Module):
     def expected_keys(self) -> set[str]:
         """Every key `load_weight` must fill for the model to be whole."""
         keys = set()
-        for name, p in self.named_parameters():
+        for name, _ in self.named_parameters():
             parts = name.split(".")
             fused = len(parts) > 2 and parts[-2] in ("qkv_proj", "gate_up_proj")
             shards = len(self.get_submodule(".".join(parts[:-2])).sizes) if fused else 0

@@ -86,7 +86,9 @@ def load_model(
                     try:
                         loaded.add(text.load_weight(name.removeprefix(LANGUAGE), f.get_tensor(key)))
                     except KeyError:
-                        raise CheckpointError(f"{file.name}: tensor {key!r} does not belong to the language model")
+                        raise CheckpointError(
+                            f"{file.name}: tensor {key!r} does not belong to the language model"
+                        ) from None
                     continue
                 if name not in params:
                     raise CheckpointError(f"{file.name}: tensor {key!r} does not belong to {type(model).__name__}")
