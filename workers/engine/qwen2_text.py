@@ -36,7 +36,9 @@ class RMSNorm(nn.Module):
         self.weight, self.eps = nn.Parameter(torch.empty(dim)), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()  # the mean of squares in float32, as the checkpoint was trained
+        if x.is_cuda:  # one fused kernel (float32 inside) where the unfused form would launch eight
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+        h = x.float()  # the mean of squares in float32; on the CPU op for op as transformers does it
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
@@ -76,14 +78,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx, n = get_context(), x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.sizes, dim=-1)
-        q = rotate(q.view(n, self.heads, self.head_dim), cos, sin)
-        k = rotate(k.view(n, self.kv_heads, self.head_dim), cos, sin)
-        v = v.view(n, self.kv_heads, self.head_dim)
+        qkv = self.qkv_proj(x).view(n, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk = rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q's and k's heads turned together
+        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        v = qkv[:, self.heads + self.kv_heads :]
         if ctx.slot_mapping is not None:  # (tokens, kv_heads, head_dim) into the paged cache
             store_kv(ctx.k_cache[self.layer], ctx.v_cache[self.layer], k, v, ctx.slot_mapping)
         if ctx.prefill:
             if ctx.slot_mapping is None:  # the prompt's KV leaves with the result (handoff, direct sink)
+                k, v = k.contiguous(), v.contiguous()  # (not views that would keep the whole qkv alive)
                 ctx.kept.append((k, v))
                 if ctx.on_layer is not None:
                     ctx.on_layer(self.layer, k, v)
