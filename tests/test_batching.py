@@ -145,6 +145,34 @@ async def test_a_full_cache_preempts_the_newest_and_every_output_still_equals_ge
     assert cache.free_tokens == cache.capacity_tokens and not batch.seqs and not batch.preempted
 
 
+async def test_a_preempted_sequence_can_be_cancelled_while_it_waits(engine) -> None:  # noqa: ANN001
+    _, ckpt, family = engine
+    cancelled: set[str] = set()
+    ids, enc = prompt(ckpt, family, *CASES[1])
+    sizing = PagedKVCache(family.kv_layout(), 1 << 20)
+    blocks = sizing.blocks_for(len(ids) + 60)  # room for one such sequence, not two
+    cache, batch = new_batch(
+        ckpt, family, mb=blocks * 16 * family.kv_layout().bytes_per_token() / 2**20, cancelled=cancelled
+    )
+    long = SamplingParams(max_tokens=60, temperature=0.0, ignore_eos=True)
+    out = family.prefill(ids, enc)
+    first = await batch.admit("first", out.kv, out.rope_delta, 1, long)
+    second = await batch.admit("second", out.kv, out.rope_delta, 1, long)
+    while not batch.preempted:
+        await second.out.get()
+    assert batch.preempted == [second] and second.blocks == []
+    cancelled.add("second")
+    while (item := await second.out.get())[0] is not None:
+        pass
+    assert item[1].name == "ABORT"
+    while (await first.out.get())[1] is None:  # the first runs to its end
+        pass
+    assert first.generated == 60 and not batch.preempted
+    while batch.seqs:
+        await asyncio.sleep(0.001)
+    assert cache.free_tokens == cache.capacity_tokens
+
+
 async def test_admission_refuses_what_can_never_fit(engine) -> None:  # noqa: ANN001
     _, ckpt, family = engine
     ids, enc = prompt(ckpt, family, *CASES[1])

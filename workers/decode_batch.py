@@ -95,6 +95,7 @@ class DecodeBatch:
             from epd.workers.engine.cuda_graphs import GraphedSteps
 
             self._graphs = GraphedSteps(family, cache, max_seqs)
+        self.usable_blocks = cache.free_blocks  # (less the graphs' scratch block)
         self.seqs: list[Sequence] = []  # running, in admission order: the newest last
         self.preempted: list[Sequence] = []  # swapped out, the oldest first
         self.preemptions = 0
@@ -108,7 +109,7 @@ class DecodeBatch:
         """A running sequence continuing after `first`; None if the request was cancelled while it waited."""
         prompt = kv.shape[3]
         need = min(prompt + sampling.max_tokens, self.max_len)
-        if self.cache.blocks_for(need) > self.cache.blocks:
+        if self.cache.blocks_for(need) > self.usable_blocks:
             raise RequestFailed(
                 400,
                 f"the request needs KV for {need} tokens (prompt {prompt} + max_tokens {sampling.max_tokens}); "
@@ -146,8 +147,8 @@ class DecodeBatch:
                         seq.done = True
                 await self._release_done()
                 live = self._schedule()
-                if not live:
-                    break
+                if not live:  # (every one left was failed or cancelled: released next round)
+                    continue
                 metrics.BATCH_SIZE.labels("decode").observe(len(live))
                 try:
                     tokens = await asyncio.to_thread(self._step, live)
@@ -172,13 +173,24 @@ class DecodeBatch:
         while self.preempted and len(self.seqs) < self.max_seqs:
             seq = self.preempted[0]
             if not self.cache.grow(seq.blocks, seq.length + 1):
-                break
+                if self.seqs:
+                    break  # it waits for their blocks
+                self._fail(self.preempted.pop(0), "a preempted sequence found no room in an empty KV cache")
+                continue
             self.seqs.append(self.preempted.pop(0))
         for seq in list(self.seqs):  # oldest first
-            while seq in self.seqs and not self.cache.grow(seq.blocks, seq.length + 1):
-                self._preempt(self.seqs[-1])
+            while seq in self.seqs and not seq.done and not self.cache.grow(seq.blocks, seq.length + 1):
+                if len(self.seqs) == 1:  # alone and no room: admission's check should have made this impossible
+                    self._fail(seq, "a sequence alone found no free KV block")
+                else:
+                    self._preempt(self.seqs[-1])
         self._account()
-        return list(self.seqs)
+        return [s for s in self.seqs if not s.done]
+
+    @staticmethod
+    def _fail(seq: Sequence, why: str) -> None:
+        seq.out.put_nowait(RequestFailed(500, why, "server_error"))
+        seq.done = True
 
     def _preempt(self, seq: Sequence) -> None:
         """Swap `seq` out: its KV to host memory (between steps: nothing writes the cache now), its blocks freed."""
