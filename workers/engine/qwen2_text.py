@@ -136,7 +136,7 @@ class Qwen2Text(nn.Module):
             self.layers = nn.ModuleList(DecoderLayer(i, cfg, self.head_dim) for i in range(cfg.num_hidden_layers))
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
             self.lm_head = None if self.tied else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.to_empty(device=device).to(dtype)
+        self.to(dtype).to_empty(device=device)  # the dtype on the meta tensors: no float32 copy is ever made
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
         self.rope = MRoPE(self.head_dim, float(theta), list(rope["mrope_section"]), device)
