@@ -139,7 +139,7 @@ class Qwen2Text(nn.Module):
         self.to(dtype).to_empty(device=device)  # the dtype on the meta tensors: no float32 copy is ever made
         rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
         theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-        self.rope = MRoPE(self.head_dim, float(theta), list(rope["mrope_section"]), device)
+        self.rope = MRoPE(self.head_dim, float(theta), list(rope.get("mrope_section", [16, 24, 24])), device)
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """embeds (tokens, hidden), positions (3, tokens) -> final hidden states (tokens, hidden)."""
