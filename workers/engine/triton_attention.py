@@ -1,0 +1,319 @@
+"""Triton attention kernels that read the paged KV cache in place (CUDA only).
+
+Two operations, with the same signatures as the plain-torch versions in `attention.py` (the CPU path):
+
+- `paged_decode`: one new query token per sequence against that sequence's keys and values, read
+  block by block through its block table. One program serves one KV head of one sequence and all the
+  query heads that share it (grouped-query attention: the KV tile is loaded once for the whole group,
+  never expanded). When batch x kv_heads programs would leave the multiprocessors idle, the context is
+  split into fixed partitions read by separate programs (flash-decoding) and a second kernel merges
+  their partial softmaxes. The split depends on shapes only, so a step can be captured in a CUDA graph.
+- `varlen_prefill`: causal attention over a flat batch of prompts laid end to end (`cu_seqlens`), a
+  flash-attention forward: tiles of queries against tiles of keys with an online softmax, no padding.
+
+Layouts: q (batch, heads, dim); one layer's cache (num_blocks, block_tokens, kv_heads, dim), contiguous;
+block_tables (batch, max_blocks) int32; seq_lens (batch,) int32, the tokens to attend, the current one
+included. Softmax runs in float32 in base 2 (`exp2` on scores pre-multiplied by scale * log2 e).
+float32 inputs use exact float32 products (not tf32), so the float32 path can be compared tightly.
+
+This module imports triton at import time: import it lazily, on CUDA only.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+MAX_SPLITS = 64  # partitions per sequence at most; the merge kernel holds them all in registers
+
+
+@functools.lru_cache(maxsize=8)
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # the Triton interpreter on a CPU: size the split as for an H200
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" only matters for float32 operands
+
+
+def decode_partition(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Tokens per program in `paged_decode`: the whole context (no split) when batch x kv_heads programs
+    already fill the chip several times over, else a fixed partition, smaller for smaller batches.
+    Shapes only: the same for every step of one CUDA-graph bucket."""
+    programs = batch * kv_heads
+    sms = _multiprocessors(device)
+    if programs >= 4 * sms:
+        return max(max_context, 16)
+    partition = 64 if programs <= 16 else 128 if programs <= 64 else 256
+    while math.ceil(max_context / partition) > MAX_SPLITS:
+        partition *= 2
+    return partition
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_tb,
+    stride_ob, stride_oh,
+    HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    start = split * PARTITION
+    if SPLITS > 1:
+        if start >= seq_len:
+            return  # past this sequence's end: the merge kernel reads only partitions that hold tokens
+        end = tl.minimum(start + PARTITION, seq_len)
+    else:
+        end = seq_len
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = kvh * GROUP + g
+    gmask = g < GROUP
+    # The group's query rows, padded to at least 16 for the tensor-core product; padding rows are zeros.
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=gmask[:, None], other=0.0)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    table = tables_ptr + b.to(tl.int64) * stride_tb
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        block = tl.load(table + n // BLOCK_TOKENS, mask=nmask, other=0).to(tl.int64)
+        row = block * stride_cb + (n % BLOCK_TOKENS) * stride_ct + kvh * stride_ch  # (BLOCK_N,) token rows
+        k = tl.load(k_ptr + row[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        v = tl.load(v_ptr + row[:, None] + d[None, :], mask=nmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # (GROUP_PAD, BLOCK_N)
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLITS > 1:
+        # Unnormalised partials, (batch, heads, SPLITS[, dim]) float32.
+        slot = (b * HEADS + heads) * SPLITS + split
+        tl.store(part_acc_ptr + slot[:, None] * HEAD_DIM + d[None, :], acc, mask=gmask[:, None])
+        tl.store(part_m_ptr + slot, m_i, mask=gmask)
+        tl.store(part_l_ptr + slot, l_i, mask=gmask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # seq_len 0 (graph padding): zeros, not NaN
+        o = out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :]
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=gmask[:, None])
+
+
+@triton.jit
+def _decode_merge_kernel(
+    part_acc_ptr, part_m_ptr, part_l_ptr, lens_ptr, out_ptr,
+    stride_ob, stride_oh,
+    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    used = tl.cdiv(tl.load(lens_ptr + b), PARTITION)  # partitions the first kernel wrote
+    s = tl.arange(0, SPLITS_PAD)
+    smask = s < used
+    slot = (b * HEADS + h) * SPLITS + s
+    m = tl.load(part_m_ptr + slot, mask=smask, other=float("-inf"))
+    total = tl.load(part_l_ptr + slot, mask=smask, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_max)  # unwritten partitions weigh 0
+    denom = tl.sum(w * total, 0)
+    d = tl.arange(0, HEAD_DIM)
+    acc = tl.load(part_acc_ptr + slot[:, None] * HEAD_DIM + d[None, :], mask=smask[:, None], other=0.0)
+    out = tl.sum(acc * w[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor) -> None:
+    batch, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[3] != dim:
+        raise ValueError(f"k/v caches {tuple(k_cache.shape)}/{tuple(v_cache.shape)} do not match q {tuple(q.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("k/v caches must be contiguous (num_blocks, block_tokens, kv_heads, head_dim)")
+    if heads % kv_heads:
+        raise ValueError(f"{heads} query heads do not group over {kv_heads} KV heads")
+    block_tokens = k_cache.shape[1]
+    if block_tokens < 16 or block_tokens & (block_tokens - 1) or dim < 16 or dim & (dim - 1):
+        raise ValueError(f"block_tokens {block_tokens} and head_dim {dim} must be powers of two >= 16")
+    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
+        raise ValueError("block_tables and seq_lens must be int32")
+    if block_tables.shape[0] != batch or seq_lens.shape != (batch,):
+        raise ValueError(f"block_tables {tuple(block_tables.shape)}, seq_lens {tuple(seq_lens.shape)}: batch {batch}")
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of each sequence's one query token over its cached keys/values -> (batch, heads, head_dim)."""
+    return _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                  seq_lens: torch.Tensor, scale: float, partition: int | None = None, block_n: int | None = None,
+                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+    """`paged_decode` with its tuning knobs exposed (the benchmark sweeps them); `partition` 0 means no split."""
+    _check_decode(q, k_cache, v_cache, block_tables, seq_lens)
+    batch, heads, dim = q.shape
+    _, block_tokens, kv_heads, _ = k_cache.shape
+    group = heads // kv_heads
+    max_context = block_tables.shape[1] * block_tokens
+    if partition is None:
+        partition = decode_partition(batch, kv_heads, max_context, q.device)
+    splits = 1 if partition == 0 or partition >= max_context else math.ceil(max_context / partition)
+    if splits == 1:
+        partition = max(max_context, 16)
+    if block_n is None:
+        block_n = 64 if q.dtype != torch.float32 else 32
+    block_n = min(block_n, triton.next_power_of_2(partition))
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    out = torch.empty_like(q)
+    if splits > 1:
+        part_acc = torch.empty(batch, heads, splits, dim, device=q.device, dtype=torch.float32)
+        part_m = torch.empty(batch, heads, splits, device=q.device, dtype=torch.float32)
+        part_l = torch.empty_like(part_m)
+    else:
+        part_acc = part_m = part_l = out  # unused
+    _decode_kernel[(batch, kv_heads, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_m, part_l,
+        scale * LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        HEADS=heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
+        BLOCK_TOKENS=block_tokens, BLOCK_N=block_n, PARTITION=partition, SPLITS=splits,
+        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        _decode_merge_kernel[(batch, heads)](
+            part_acc, part_m, part_l, seq_lens, out,
+            out.stride(0), out.stride(1),
+            HEADS=heads, HEAD_DIM=dim, PARTITION=partition, SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+        )
+    return out
+
+
+@triton.jit
+def _prefill_tile(acc, m_i, l_i, q, k_tile, v_tile, rows, n0, seq_len, scale_log2,
+                  BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    cols = n0 + tl.arange(0, BLOCK_N)
+    s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION) * scale_log2
+    if CAUSAL_MASK:
+        s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < seq_len), s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, cu_ptr, out_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # The last query tiles see the most keys: hand them out first so the tail of the grid is short work.
+    mb = tl.num_programs(0) - 1 - tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // GROUP
+    first = tl.load(cu_ptr + b)
+    seq_len = tl.load(cu_ptr + b + 1) - first
+    m0 = mb * BLOCK_M
+    if m0 >= seq_len:
+        return
+    rows = m0 + tl.arange(0, BLOCK_M)
+    rmask = rows < seq_len
+    d = tl.arange(0, HEAD_DIM)
+    tok = (first + rows).to(tl.int64)
+    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    k_base = k_ptr + first.to(tl.int64) * stride_kt + kvh * stride_kh
+    v_base = v_ptr + first.to(tl.int64) * stride_vt + kvh * stride_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    # Key tiles wholly before this query tile: every key is visible to every row, no mask.
+    for n0 in range(0, m0, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :])
+        v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :])
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2,
+                                      BLOCK_N, False, PRECISION)
+    # The diagonal: causal mask, and the sequence's end.
+    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        cmask = cols < seq_len
+        k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=cmask[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=cmask[:, None], other=0.0)
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2,
+                                      BLOCK_N, True, PRECISION)
+    out = acc / l_i[:, None]  # every real row sees at least its own key: l_i > 0
+    o = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+
+
+def varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                   scale: float) -> torch.Tensor:
+    """Causal attention within each of the sequences laid end to end in q/k/v -> (tokens, heads, head_dim)."""
+    return _varlen_prefill(q, k, v, cu_seqlens, max_seqlen, scale)
+
+
+def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                    scale: float, block_m: int | None = None, block_n: int | None = None,
+                    num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+    tokens, heads, dim = q.shape
+    kv_heads = k.shape[1]
+    if k.shape != (tokens, kv_heads, dim) or v.shape != k.shape:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
+    if heads % kv_heads or dim < 16 or dim & (dim - 1):
+        raise ValueError(f"{heads} heads over {kv_heads} KV heads, head_dim {dim}: need a whole group, dim 2^n >= 16")
+    if cu_seqlens.dtype != torch.int32:
+        raise ValueError("cu_seqlens must be int32")
+    q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
+    wide = q.dtype == torch.float32 or dim > 128  # bigger elements or rows: smaller tiles to fit shared memory
+    block_m = block_m or (64 if wide else 128)
+    block_n = block_n or (32 if wide else 64)
+    num_warps = num_warps or (4 if wide else 8)
+    num_stages = num_stages or (2 if wide else 3)
+    out = torch.empty_like(q)
+    batch = cu_seqlens.shape[0] - 1
+    if tokens == 0 or batch == 0:
+        return out
+    grid = (triton.cdiv(max(int(max_seqlen), 1), block_m), batch, heads)
+    _prefill_kernel[grid](
+        q, k, v, cu_seqlens, out,
+        scale * LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
