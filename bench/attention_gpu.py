@@ -145,13 +145,22 @@ def decode(kernels: Any, bandwidth: float, quick: bool) -> list[dict[str, Any]]:
         "batch 8, ~600 tokens": (8, torch.randint(560, 641, (8,), generator=gen).tolist()),
         "batch 1, 640 tokens": (1, [640]),
     }
-    variants: dict[str, dict[str, Any]] = {"default": {}, "no split": {"partition": 0}}
+    variants: dict[str, dict[str, Any]] = {
+        "default": {}, "no split": {"partition": 0},
+        "seq default": {"per_sequence": True}, "seq no split": {"per_sequence": True, "partition": 0},
+    }
     if not quick:
         variants |= {
             "partition 64": {"partition": 64}, "partition 128": {"partition": 128},
             "partition 256": {"partition": 256}, "partition 512": {"partition": 512},
-            "block_n 32": {"block_n": 32}, "block_n 128": {"block_n": 128},
-            "warps 8": {"num_warps": 8}, "stages 3": {"num_stages": 3}, "stages 4": {"num_stages": 4},
+            "block_n 128": {"block_n": 128}, "stages 3": {"num_stages": 3},
+            "seq partition 64": {"per_sequence": True, "partition": 64},
+            "seq partition 128": {"per_sequence": True, "partition": 128},
+            "seq partition 256": {"per_sequence": True, "partition": 256},
+            "seq block_n 16": {"per_sequence": True, "block_n": 16},
+            "seq block_n 64": {"per_sequence": True, "block_n": 64},
+            "seq warps 4": {"per_sequence": True, "num_warps": 4},
+            "seq stages 3": {"per_sequence": True, "num_stages": 3},
         }
     rows = []
     for name, (batch, lens) in cases.items():
@@ -162,13 +171,13 @@ def decode(kernels: Any, bandwidth: float, quick: bool) -> list[dict[str, Any]]:
             try:
                 us = bench_ms(graphed(step)) * 1e3 / LAYERS
             except Exception as exc:  # a variant that fails to compile or capture is reported, not fatal
-                print(f"  {label:<22} failed: {type(exc).__name__}: {exc}", flush=True)
+                print(f"  {label:<24} failed: {type(exc).__name__}: {exc}", flush=True)
                 rows.append({"case": name, "variant": label, "error": repr(exc)})
                 return
             gbps = case.bytes / (us * 1e-6) / 1e9
             rows.append({"case": name, "variant": label, "us_per_layer": us, "GBps": gbps,
                          "of_copy_bw": gbps / bandwidth})
-            print(f"  {label:<22} {us:8.2f} us/layer {gbps:8.0f} GB/s {100 * gbps / bandwidth:5.1f}% of copy",
+            print(f"  {label:<24} {us:8.2f} us/layer {gbps:8.0f} GB/s {100 * gbps / bandwidth:5.1f}% of copy",
                   flush=True)
 
         for label, knobs in variants.items():
@@ -209,8 +218,8 @@ def prefill(kernels: Any, quick: bool) -> list[dict[str, Any]]:
 
     record("triton varlen default", lambda: kernels.varlen_prefill(q, k, v, cu, n, scale))
     if not quick:
-        for bm, bn, warps, stages in [(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-                                      (128, 32, 8, 4), (64, 128, 4, 2)]:
+        for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3),
+                                      (64, 64, 8, 3), (64, 128, 4, 3)]:
             record(f"triton varlen m{bm} n{bn} w{warps} s{stages}",
                    lambda bm=bm, bn=bn, warps=warps, stages=stages: kernels._varlen_prefill(
                        q, k, v, cu, n, scale, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages))

@@ -112,15 +112,18 @@ def test_paged_decode_matches_reference(kernels, dtype, heads, kv_heads, batch, 
     q, kc, vc, tables, seq_lens = make_paged(batch, heads, kv_heads, dim, block_tokens, lens, dtype, gen)
     scale = dim**-0.5
     ref = reference_decode(q, kc, vc, tables, seq_lens, scale)
-    # The default split, no split, and a forced small partition: three code paths, one answer.
+    # The default split, no split and a forced small partition, with a program per KV head or per sequence:
+    # six code paths, one answer.
     for partition in (None, 0, 64):
-        out = kernels._paged_decode(q, kc, vc, tables, seq_lens, scale, partition=partition)
-        assert out.shape == q.shape and out.dtype == dtype
-        assert torch.isfinite(out).all(), f"partition {partition}: non-finite output"
-        err = relative_error(out, ref)
-        assert err < TOLERANCE[dtype], f"partition {partition}: relative error {err:.2e}, lens {lens}"
-        zero_rows = seq_lens == 0
-        assert (out[zero_rows] == 0).all(), "a padding row (seq_len 0) must come out as zeros"
+        for per_sequence in (False, True):
+            case = f"partition {partition}, per_sequence {per_sequence}"
+            out = kernels._paged_decode(q, kc, vc, tables, seq_lens, scale, partition=partition,
+                                        per_sequence=per_sequence)
+            assert out.shape == q.shape and out.dtype == dtype
+            assert torch.isfinite(out).all(), f"{case}: non-finite output"
+            err = relative_error(out, ref)
+            assert err < TOLERANCE[dtype], f"{case}: relative error {err:.2e}, lens {lens}"
+            assert (out[seq_lens == 0] == 0).all(), f"{case}: a padding row (seq_len 0) must come out as zeros"
 
 
 def test_paged_decode_head_dim_64_and_fp16(kernels) -> None:
@@ -132,24 +135,24 @@ def test_paged_decode_head_dim_64_and_fp16(kernels) -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
-def test_paged_decode_replays_in_a_cuda_graph(kernels) -> None:
+@pytest.mark.parametrize("per_sequence", [False, True], ids=["per_kv_head", "per_sequence"])
+def test_paged_decode_replays_in_a_cuda_graph(kernels, per_sequence) -> None:
     """Captured once, replayed on new lengths, tables and queries written into the same tensors."""
     gen = torch.Generator().manual_seed(7)
     batch, heads, kv_heads, dim, block_tokens = 8, 28, 4, 128, 16
     lens = ragged_lens(batch, gen, block_tokens, 400)
     q, kc, vc, tables, seq_lens = make_paged(batch, heads, kv_heads, dim, block_tokens, lens, torch.bfloat16, gen)
     scale = dim**-0.5
-    kernels.paged_decode(q, kc, vc, tables, seq_lens, scale)  # compile outside the capture
+    kernels._paged_decode(q, kc, vc, tables, seq_lens, scale, per_sequence=per_sequence)  # compile, not capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = kernels.paged_decode(q, kc, vc, tables, seq_lens, scale)
+        out = kernels._paged_decode(q, kc, vc, tables, seq_lens, scale, per_sequence=per_sequence)
     for _ in range(3):
         lens2 = torch.randint(0, block_tokens * tables.shape[1] + 1, (batch,), generator=gen)
         lens2[0] = 0
         seq_lens.copy_(lens2.to(torch.int32))
-        perm = torch.randperm(kc.shape[0], generator=gen)[: tables.numel()].reshape(tables.shape)
-        tables.copy_(perm.to(torch.int32))
+        tables.copy_(torch.randint(0, kc.shape[0], tables.shape, generator=gen, dtype=torch.int32))
         kc.copy_(torch.randn(kc.shape, generator=gen).to(kc))  # no poison now: every block may be owned
         vc.copy_(torch.randn(vc.shape, generator=gen).to(vc))
         q.copy_(torch.randn(q.shape, generator=gen).to(q))
@@ -214,3 +217,37 @@ def test_varlen_prefill_on_strided_qkv_views(kernels) -> None:
     out = kernels.varlen_prefill(q, k, v, cu, 200, dim**-0.5)
     ref = reference_prefill(q, k, v, cu, dim**-0.5)
     assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the layer's elementwise pieces
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tokens,hidden", [(1, 3584), (37, 3584), (5, 1000)])
+def test_fused_add_rmsnorm_matches_the_modules(kernels, dtype, tokens, hidden) -> None:
+    skip_bf16_in_interpreter(dtype)
+    gen = torch.Generator().manual_seed(tokens * hidden)
+    x = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
+    residual = torch.randn(tokens, hidden, generator=gen).to(DEVICE, dtype)
+    weight = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(DEVICE, dtype)
+    # Qwen2's order: the residual sum in the activations' dtype, RMSNorm in float32, cast back, times the weight.
+    total = x + residual
+    t = total.float()
+    expected = (t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype) * weight
+    x_in, r_in = x.clone(), residual.clone()
+    normed, new_residual = kernels.fused_add_rmsnorm(x_in, r_in, weight, 1e-6)
+    assert normed.data_ptr() == x_in.data_ptr() and new_residual.data_ptr() == r_in.data_ptr()  # in place
+    torch.testing.assert_close(new_residual, total, rtol=0, atol=0)
+    torch.testing.assert_close(normed, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("tokens,inter", [(1, 18944), (9, 3000)])
+def test_silu_and_mul_matches_the_modules(kernels, dtype, tokens, inter) -> None:
+    skip_bf16_in_interpreter(dtype)
+    gen = torch.Generator().manual_seed(tokens + inter)
+    gate_up = (2 * torch.randn(tokens, 2 * inter, generator=gen)).to(DEVICE, dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    expected = torch.nn.functional.silu(gate) * up
+    torch.testing.assert_close(kernels.silu_and_mul(gate_up), expected)

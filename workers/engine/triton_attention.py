@@ -43,15 +43,16 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" only matters for float32 operands
 
 
-def decode_partition(batch: int, kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Tokens per program in `paged_decode`: the whole context (no split) when batch x kv_heads programs
-    already fill the chip several times over, else a fixed partition, smaller for smaller batches.
-    Shapes only: the same for every step of one CUDA-graph bucket."""
-    programs = batch * kv_heads
+def decode_partition(batch: int, programs_per_sequence: int, max_context: int, device: torch.device) -> int:
+    """Tokens per program in `paged_decode`: the whole context (no split) when the programs of an unsplit launch
+    already give every multiprocessor one or two, else a fixed partition, smaller for smaller batches.
+    Shapes only: the same for every step of one CUDA-graph bucket. (H200, 28/4 heads: batch 64 ran best
+    unsplit, 1 to 32 with 64-token partitions; `bench/attention_gpu.py` sweeps these.)"""
+    programs = batch * programs_per_sequence
     sms = _multiprocessors(device)
-    if programs >= 4 * sms:
+    if programs >= 3 * sms // 2:
         return max(max_context, 16)
-    partition = 64 if programs <= 16 else 128 if programs <= 64 else 256
+    partition = 64 if programs <= sms else 128
     while math.ceil(max_context / partition) > MAX_SPLITS:
         partition *= 2
     return partition
@@ -121,6 +122,74 @@ def _decode_kernel(
 
 
 @triton.jit
+def _decode_seq_kernel(
+    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    scale_log2,
+    stride_qb, stride_qh,
+    stride_cb, stride_ct, stride_ch,
+    stride_tb,
+    stride_ob, stride_oh,
+    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, KV_PAD: tl.constexpr, GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """`_decode_kernel` with every KV head of the sequence in one program: a token's keys for all heads are one
+    contiguous row (kv_heads x dim), so each block is read as one contiguous run instead of kv_heads strided
+    slices. The products are batched over KV heads: (kv, group, dim) x (kv, dim, tokens)."""
+    b = tl.program_id(0)
+    split = tl.program_id(1)
+    seq_len = tl.load(lens_ptr + b)
+    start = split * PARTITION
+    if SPLITS > 1:
+        if start >= seq_len:
+            return
+        end = tl.minimum(start + PARTITION, seq_len)
+    else:
+        end = seq_len
+
+    hk = tl.arange(0, KV_PAD)
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, HEAD_DIM)
+    heads = hk[:, None] * GROUP + g[None, :]  # (KV_PAD, GROUP_PAD)
+    hmask = (hk[:, None] < KV_HEADS) & (g[None, :] < GROUP)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, :, None] * stride_qh + d[None, None, :], mask=hmask[:, :, None],
+                other=0.0)
+
+    m_i = tl.full([KV_PAD, GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([KV_PAD, GROUP_PAD], tl.float32)
+    acc = tl.zeros([KV_PAD, GROUP_PAD, HEAD_DIM], tl.float32)
+    table = tables_ptr + b.to(tl.int64) * stride_tb
+    for n0 in range(start, end, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        nmask = n < end
+        block = tl.load(table + n // BLOCK_TOKENS, mask=nmask, other=0).to(tl.int64)
+        row = block * stride_cb + (n % BLOCK_TOKENS) * stride_ct
+        offs = hk[:, None, None] * stride_ch + row[None, :, None] + d[None, None, :]  # (KV_PAD, BLOCK_N, HEAD_DIM)
+        kv_mask = (hk[:, None, None] < KV_HEADS) & nmask[None, :, None]
+        k = tl.load(k_ptr + offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptr + offs, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.permute(k, (0, 2, 1)), input_precision=PRECISION) * scale_log2  # (KV, GROUP, BLOCK_N)
+        s = tl.where(nmask[None, None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 2))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, 2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    if SPLITS > 1:
+        slot = (b * HEADS + heads) * SPLITS + split
+        tl.store(part_acc_ptr + slot[:, :, None] * HEAD_DIM + d[None, None, :], acc, mask=hmask[:, :, None])
+        tl.store(part_m_ptr + slot, m_i, mask=hmask)
+        tl.store(part_l_ptr + slot, l_i, mask=hmask)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, :, None]
+        o = out_ptr + b * stride_ob + heads[:, :, None] * stride_oh + d[None, None, :]
+        tl.store(o, out.to(out_ptr.dtype.element_ty), mask=hmask[:, :, None])
+
+
+@triton.jit
 def _decode_merge_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, lens_ptr, out_ptr,
     stride_ob, stride_oh,
@@ -172,21 +241,24 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
 
 def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                   seq_lens: torch.Tensor, scale: float, partition: int | None = None, block_n: int | None = None,
-                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
-    """`paged_decode` with its tuning knobs exposed (the benchmark sweeps them); `partition` 0 means no split."""
+                  num_warps: int | None = None, num_stages: int = 2, per_sequence: bool = False) -> torch.Tensor:
+    """`paged_decode` with its tuning knobs exposed (the benchmark sweeps them); `partition` 0 means no split.
+    `per_sequence` runs one program per sequence (all its KV heads) instead of one per (sequence, KV head)."""
     _check_decode(q, k_cache, v_cache, block_tables, seq_lens)
     batch, heads, dim = q.shape
     _, block_tokens, kv_heads, _ = k_cache.shape
     group = heads // kv_heads
     max_context = block_tables.shape[1] * block_tokens
     if partition is None:
-        partition = decode_partition(batch, kv_heads, max_context, q.device)
+        partition = decode_partition(batch, 1 if per_sequence else kv_heads, max_context, q.device)
     splits = 1 if partition == 0 or partition >= max_context else math.ceil(max_context / partition)
     if splits == 1:
         partition = max(max_context, 16)
     if block_n is None:
-        block_n = 64 if q.dtype != torch.float32 else 32
+        block_n = (32 if per_sequence else 64) if q.dtype != torch.float32 else (16 if per_sequence else 32)
     block_n = min(block_n, triton.next_power_of_2(partition))
+    if num_warps is None:
+        num_warps = 8 if per_sequence else 4
     if q.stride(2) != 1:
         q = q.contiguous()
     out = torch.empty_like(q)
@@ -196,17 +268,25 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         part_l = torch.empty_like(part_m)
     else:
         part_acc = part_m = part_l = out  # unused
-    _decode_kernel[(batch, kv_heads, splits)](
+    args = (
         q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_m, part_l,
         scale * LOG2E,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
+    )
+    common = dict(
         HEADS=heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
         BLOCK_TOKENS=block_tokens, BLOCK_N=block_n, PARTITION=partition, SPLITS=splits,
         PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
     )
+    if per_sequence:
+        _decode_seq_kernel[(batch, splits)](
+            *args, KV_HEADS=kv_heads, KV_PAD=triton.next_power_of_2(kv_heads), **common
+        )
+    else:
+        _decode_kernel[(batch, kv_heads, splits)](*args, **common)
     if splits > 1:
         _decode_merge_kernel[(batch, heads)](
             part_acc, part_m, part_l, seq_lens, out,
@@ -300,9 +380,11 @@ def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         raise ValueError("cu_seqlens must be int32")
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
     wide = q.dtype == torch.float32 or dim > 128  # bigger elements or rows: smaller tiles to fit shared memory
-    block_m = block_m or (64 if wide else 128)
+    # 64 x 64 tiles, 4 warps, 3 stages: the best of the sweep for 8 x 1,024 bf16 tokens on an H200 (199 us against
+    # 214 us for 128 x 64 with 8 warps); bench/attention_gpu.py
+    block_m = block_m or 64
     block_n = block_n or (32 if wide else 64)
-    num_warps = num_warps or (4 if wide else 8)
+    num_warps = num_warps or 4
     num_stages = num_stages or (2 if wide else 3)
     out = torch.empty_like(q)
     batch = cu_seqlens.shape[0] - 1
@@ -316,4 +398,61 @@ def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
         num_warps=num_warps, num_stages=num_stages,
     )
+    return out
+
+
+@triton.jit
+def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, stride_x, stride_r, hidden, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < hidden
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+    total = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # rounded to the activations' dtype, as the model
+    tl.store(res_ptr + row * stride_r + cols, total, mask=mask)
+    t = total.to(tl.float32)
+    inv = 1.0 / tl.sqrt(tl.sum(t * t, 0) / hidden + eps)
+    normed = (t * inv).to(x.dtype).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(x_ptr + row * stride_x + cols, (normed * w).to(x.dtype), mask=mask)
+
+
+def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """residual += x; x = RMSNorm(residual) * weight, both in place, rounding as Qwen2's modules do (the sum and
+    the normalised value each rounded to the activations' dtype). x, residual (tokens, hidden) -> (x, residual)."""
+    if x.shape != residual.shape or x.dim() != 2 or weight.shape != (x.shape[1],):
+        raise ValueError(f"x {tuple(x.shape)}, residual {tuple(residual.shape)}, weight {tuple(weight.shape)}")
+    if x.stride(1) != 1 or residual.stride(1) != 1:
+        raise ValueError("x and residual need contiguous rows")
+    if x.shape[0]:
+        hidden = x.shape[1]
+        _add_rmsnorm_kernel[(x.shape[0],)](x, residual, weight, x.stride(0), residual.stride(0), hidden, eps,
+                                           BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden > 2048 else 4)
+    return x, residual
+
+
+@triton.jit
+def _silu_and_mul_kernel(gu_ptr, out_ptr, stride_gu, stride_out, inter, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < inter
+    gate = tl.load(gu_ptr + row * stride_gu + cols, mask=mask, other=0.0)
+    up = tl.load(gu_ptr + row * stride_gu + inter + cols, mask=mask, other=0.0)
+    g = gate.to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # SiLU rounded to the activations' dtype, then the product
+    tl.store(out_ptr + row * stride_out + cols, (act.to(tl.float32) * up.to(tl.float32)).to(gate.dtype), mask=mask)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SiLU(gate) * up for a fused gate-up projection output (tokens, 2 x inter) -> (tokens, inter)."""
+    tokens, double = gate_up.shape
+    if double % 2 or gate_up.stride(1) != 1:
+        raise ValueError(f"gate_up {tuple(gate_up.shape)} must have an even number of contiguous columns")
+    inter = double // 2
+    out = torch.empty(tokens, inter, device=gate_up.device, dtype=gate_up.dtype)
+    if tokens:
+        block = 1024
+        _silu_and_mul_kernel[(tokens, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0),
+                                                                   inter, BLOCK=block, num_warps=4)
     return out
