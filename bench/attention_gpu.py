@@ -121,18 +121,23 @@ class DecodeCase:
     def dense_sdpa_step(self) -> Callable[[], None]:
         """SDPA on KV already laid out contiguous and padded (no gather): what torch does with no paging."""
         width = self.tables.shape[1] * BLOCK
-        kd = [self.k[i][self.tables].view(self.batch, width, KV_HEADS, DIM).transpose(1, 2).contiguous()
-              for i in range(LAYERS)]
-        vd = [self.v[i][self.tables].view(self.batch, width, KV_HEADS, DIM).transpose(1, 2).contiguous()
-              for i in range(LAYERS)]
+        kd = [
+            self.k[i][self.tables].view(self.batch, width, KV_HEADS, DIM).transpose(1, 2).contiguous()
+            for i in range(LAYERS)
+        ]
+        vd = [
+            self.v[i][self.tables].view(self.batch, width, KV_HEADS, DIM).transpose(1, 2).contiguous()
+            for i in range(LAYERS)
+        ]
         visible = torch.arange(width, device="cuda")[None, :] < self.seq_lens[:, None]
         mask = visible[:, None, None, :]
         q = self.q[:, :, None, :]
 
         def step() -> None:
             for layer in range(LAYERS):
-                F.scaled_dot_product_attention(q, kd[layer], vd[layer], attn_mask=mask, scale=self.scale,
-                                               enable_gqa=True)
+                F.scaled_dot_product_attention(
+                    q, kd[layer], vd[layer], attn_mask=mask, scale=self.scale, enable_gqa=True
+                )
 
         return step
 
@@ -146,14 +151,19 @@ def decode(kernels: Any, bandwidth: float, quick: bool) -> list[dict[str, Any]]:
         "batch 1, 640 tokens": (1, [640]),
     }
     variants: dict[str, dict[str, Any]] = {
-        "default": {}, "no split": {"partition": 0},
-        "seq default": {"per_sequence": True}, "seq no split": {"per_sequence": True, "partition": 0},
+        "default": {},
+        "no split": {"partition": 0},
+        "seq default": {"per_sequence": True},
+        "seq no split": {"per_sequence": True, "partition": 0},
     }
     if not quick:
         variants |= {
-            "partition 64": {"partition": 64}, "partition 128": {"partition": 128},
-            "partition 256": {"partition": 256}, "partition 512": {"partition": 512},
-            "block_n 128": {"block_n": 128}, "stages 3": {"num_stages": 3},
+            "partition 64": {"partition": 64},
+            "partition 128": {"partition": 128},
+            "partition 256": {"partition": 256},
+            "partition 512": {"partition": 512},
+            "block_n 128": {"block_n": 128},
+            "stages 3": {"num_stages": 3},
             "seq partition 64": {"per_sequence": True, "partition": 64},
             "seq partition 128": {"per_sequence": True, "partition": 128},
             "seq partition 256": {"per_sequence": True, "partition": 256},
@@ -175,13 +185,15 @@ def decode(kernels: Any, bandwidth: float, quick: bool) -> list[dict[str, Any]]:
                 rows.append({"case": name, "variant": label, "error": repr(exc)})
                 return
             gbps = case.bytes / (us * 1e-6) / 1e9
-            rows.append({"case": name, "variant": label, "us_per_layer": us, "GBps": gbps,
-                         "of_copy_bw": gbps / bandwidth})
-            print(f"  {label:<24} {us:8.2f} us/layer {gbps:8.0f} GB/s {100 * gbps / bandwidth:5.1f}% of copy",
-                  flush=True)
+            rows.append(
+                {"case": name, "variant": label, "us_per_layer": us, "GBps": gbps, "of_copy_bw": gbps / bandwidth}
+            )
+            print(
+                f"  {label:<24} {us:8.2f} us/layer {gbps:8.0f} GB/s {100 * gbps / bandwidth:5.1f}% of copy", flush=True
+            )
 
         for label, knobs in variants.items():
-            fn = (lambda *a, knobs=knobs: kernels._paged_decode(*a, **knobs))  # noqa: E731
+            fn = lambda *a, knobs=knobs: kernels._paged_decode(*a, **knobs)  # noqa: E731
             record(f"triton {label}", case.kernel_step(fn))
         record("gather + SDPA", case.gather_sdpa_step())
         record("SDPA, dense KV", case.dense_sdpa_step())
@@ -212,17 +224,33 @@ def prefill(kernels: Any, quick: bool) -> list[dict[str, Any]]:
             rows.append({"case": "prefill 8 x 1024", "variant": label, "error": repr(exc)})
             return
         tflops = flops / (ms * 1e-3) / 1e12
-        rows.append({"case": "prefill 8 x 1024", "variant": label, "us": ms * 1e3, "TFLOPs": tflops,
-                     "tokens_per_s": tokens / (ms * 1e-3)})
+        rows.append(
+            {
+                "case": "prefill 8 x 1024",
+                "variant": label,
+                "us": ms * 1e3,
+                "TFLOPs": tflops,
+                "tokens_per_s": tokens / (ms * 1e-3),
+            }
+        )
         print(f"  {label:<34} {ms * 1e3:8.1f} us {tflops:7.1f} TFLOP/s", flush=True)
 
     record("triton varlen default", lambda: kernels.varlen_prefill(q, k, v, cu, n, scale))
     if not quick:
-        for bm, bn, warps, stages in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 32, 4, 3),
-                                      (64, 64, 8, 3), (64, 128, 4, 3)]:
-            record(f"triton varlen m{bm} n{bn} w{warps} s{stages}",
-                   lambda bm=bm, bn=bn, warps=warps, stages=stages: kernels._varlen_prefill(
-                       q, k, v, cu, n, scale, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages))
+        for bm, bn, warps, stages in [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (64, 64, 4, 4),
+            (64, 32, 4, 3),
+            (64, 64, 8, 3),
+            (64, 128, 4, 3),
+        ]:
+            record(
+                f"triton varlen m{bm} n{bn} w{warps} s{stages}",
+                lambda bm=bm, bn=bn, warps=warps, stages=stages: kernels._varlen_prefill(
+                    q, k, v, cu, n, scale, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages
+                ),
+            )
     qb = q.view(seqs, n, HEADS, DIM).transpose(1, 2)
     kb = k.view(seqs, n, KV_HEADS, DIM).transpose(1, 2).repeat_interleave(HEADS // KV_HEADS, dim=1)
     vb = v.view(seqs, n, KV_HEADS, DIM).transpose(1, 2).repeat_interleave(HEADS // KV_HEADS, dim=1)
@@ -262,10 +290,18 @@ def main() -> None:
     result = {
         "command": "python3 bench/attention_gpu.py" + (" --quick" if args.quick else ""),
         "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
         "copy_GBps": bandwidth,
-        "shape": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": DIM, "block_tokens": BLOCK, "layers": LAYERS,
-                  "dtype": str(DTYPE)},
+        "shape": {
+            "heads": HEADS,
+            "kv_heads": KV_HEADS,
+            "head_dim": DIM,
+            "block_tokens": BLOCK,
+            "layers": LAYERS,
+            "dtype": str(DTYPE),
+        },
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,8 +314,10 @@ def main() -> None:
     print("\nbest decode variant per case:")
     for case, row in best.items():
         print(f"  {case:<24} {row['variant']:<24} {row['us_per_layer']:7.2f} us {100 * row['of_copy_bw']:5.1f}%")
-    print(f"median triton decode share of copy bandwidth: "
-          f"{statistics.median(r['of_copy_bw'] for r in best.values()):.2f}; wrote {args.out}")
+    print(
+        f"median triton decode share of copy bandwidth: "
+        f"{statistics.median(r['of_copy_bw'] for r in best.values()):.2f}; wrote {args.out}"
+    )
 
 
 if __name__ == "__main__":

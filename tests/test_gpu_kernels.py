@@ -117,8 +117,9 @@ def test_paged_decode_matches_reference(kernels, dtype, heads, kv_heads, batch, 
     for partition in (None, 0, 64):
         for per_sequence in (False, True):
             case = f"partition {partition}, per_sequence {per_sequence}"
-            out = kernels._paged_decode(q, kc, vc, tables, seq_lens, scale, partition=partition,
-                                        per_sequence=per_sequence)
+            out = kernels._paged_decode(
+                q, kc, vc, tables, seq_lens, scale, partition=partition, per_sequence=per_sequence
+            )
             assert out.shape == q.shape and out.dtype == dtype
             assert torch.isfinite(out).all(), f"{case}: non-finite output"
             err = relative_error(out, ref)

@@ -12,7 +12,6 @@ the CPU path imports triton. Shapes:
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
 import torch
@@ -22,17 +21,15 @@ _kernels: ModuleType | None | bool = False  # False: not looked for yet; None: n
 
 
 def triton_kernels() -> ModuleType | None:
-    """The Triton kernels, when this machine can run them (EPD_TORCH_ATTENTION=1 forces the torch path)."""
+    """The Triton kernels, when this machine can run them (asked only for CUDA tensors)."""
     global _kernels
     if _kernels is False:
-        _kernels = None
-        if os.environ.get("EPD_TORCH_ATTENTION") != "1":
-            try:
-                from epd.workers.engine import triton_attention
+        try:
+            from epd.workers.engine import triton_attention
 
-                _kernels = triton_attention
-            except ImportError:  # no triton here, or the kernels are not part of this build
-                _kernels = None
+            _kernels = triton_attention
+        except ImportError:  # no triton here
+            _kernels = None
     return _kernels  # type: ignore[return-value]
 
 

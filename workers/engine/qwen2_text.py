@@ -4,7 +4,8 @@ A forward takes (tokens, hidden) embeddings and (3, tokens) M-RoPE positions; wh
 prefill or a decode step, and where keys and values go, is the step's `Context` (context.py).
 Per layer: RMSNorm -> fused QKV projection (with bias) -> M-RoPE -> attention -> o_proj ->
 residual -> RMSNorm -> fused gate_up -> SiLU(gate) * up -> down -> residual. Then the final
-norm; `logits` applies lm_head (tied to the embeddings when the config says so).
+norm. Each residual addition is done by the next norm (on CUDA one fused kernel, in place).
+`logits` applies lm_head (tied to the embeddings when the config says so).
 
 Weights come from the Hugging Face checkpoint's tensors as they ship: `load_weight` puts q, k, v
 into the fused qkv_proj and gate, up into gate_up_proj, by rows.
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from epd.workers.engine.attention import paged_decode, store_kv, varlen_prefill
+from epd.workers.engine.attention import paged_decode, store_kv, triton_kernels, varlen_prefill
 from epd.workers.engine.context import get_context
 from torch import nn
 
@@ -35,12 +36,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight, self.eps = nn.Parameter(torch.empty(dim)), eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda:  # one fused kernel (float32 inside) where the unfused form would launch eight
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normed, residual stream): with `residual`, x is first added to it (the layer's skip connection)."""
+        if x.is_cuda and (kernels := triton_kernels()) is not None:
+            if residual is None:
+                return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps), x
+            return kernels.fused_add_rmsnorm(x, residual, self.weight, self.eps)  # one kernel, in place
+        if residual is not None:
+            x = residual = x + residual
         h = x.float()  # the mean of squares in float32; on the CPU op for op as transformers does it
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * h.to(x.dtype), x
 
 
 class MRoPE:
@@ -106,7 +112,10 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if x.is_cuda and (kernels := triton_kernels()) is not None:
+            return self.down_proj(kernels.silu_and_mul(gate_up))  # one pass over (tokens, 2 * intermediate)
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -119,9 +128,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.mlp = MLP(h, cfg.intermediate_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's output, not yet added to `residual` (None before the first layer)."""
+        h, residual = self.input_layernorm(x, residual)
+        h, residual = self.post_attention_layernorm(self.self_attn(h, cos, sin), residual)
+        return self.mlp(h), residual
 
 
 class Qwen2Text(nn.Module):
@@ -144,10 +157,10 @@ class Qwen2Text(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """embeds (tokens, hidden), positions (3, tokens) -> final hidden states (tokens, hidden)."""
         cos, sin = self.rope.cos_sin(positions, embeds.dtype)
-        h = embeds
+        h, residual = embeds, None
         for layer in self.layers:
-            h = layer(h, cos, sin)
-        return self.norm(h)
+            h, residual = layer(h, residual, cos, sin)
+        return self.norm(h, residual)[0]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(rows, hidden) -> (rows, vocab) float32."""

@@ -60,14 +60,32 @@ def decode_partition(batch: int, programs_per_sequence: int, max_context: int, d
 
 @triton.jit
 def _decode_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    lens_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
     scale_log2,
-    stride_qb, stride_qh,
-    stride_cb, stride_ct, stride_ch,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
     stride_tb,
-    stride_ob, stride_oh,
-    HEADS: tl.constexpr, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTITION: tl.constexpr,
+    SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -123,15 +141,34 @@ def _decode_kernel(
 
 @triton.jit
 def _decode_seq_kernel(
-    q_ptr, k_ptr, v_ptr, tables_ptr, lens_ptr, out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    tables_ptr,
+    lens_ptr,
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
     scale_log2,
-    stride_qb, stride_qh,
-    stride_cb, stride_ct, stride_ch,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_ct,
+    stride_ch,
     stride_tb,
-    stride_ob, stride_oh,
-    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, KV_PAD: tl.constexpr, GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr,
+    stride_ob,
+    stride_oh,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTITION: tl.constexpr,
+    SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """`_decode_kernel` with every KV head of the sequence in one program: a token's keys for all heads are one
@@ -153,8 +190,9 @@ def _decode_seq_kernel(
     d = tl.arange(0, HEAD_DIM)
     heads = hk[:, None] * GROUP + g[None, :]  # (KV_PAD, GROUP_PAD)
     hmask = (hk[:, None] < KV_HEADS) & (g[None, :] < GROUP)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, :, None] * stride_qh + d[None, None, :], mask=hmask[:, :, None],
-                other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, :, None] * stride_qh + d[None, None, :], mask=hmask[:, :, None], other=0.0
+    )
 
     m_i = tl.full([KV_PAD, GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([KV_PAD, GROUP_PAD], tl.float32)
@@ -191,9 +229,17 @@ def _decode_seq_kernel(
 
 @triton.jit
 def _decode_merge_kernel(
-    part_acc_ptr, part_m_ptr, part_l_ptr, lens_ptr, out_ptr,
-    stride_ob, stride_oh,
-    HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, PARTITION: tl.constexpr, SPLITS: tl.constexpr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    lens_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PARTITION: tl.constexpr,
+    SPLITS: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -214,8 +260,9 @@ def _decode_merge_kernel(
     tl.store(out_ptr + b * stride_ob + h * stride_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor) -> None:
+def _check_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor
+) -> None:
     batch, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     if k_cache.shape != v_cache.shape or k_cache.dim() != 4 or k_cache.shape[3] != dim:
@@ -233,15 +280,31 @@ def _check_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         raise ValueError(f"block_tables {tuple(block_tables.shape)}, seq_lens {tuple(seq_lens.shape)}: batch {batch}")
 
 
-def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Attention of each sequence's one query token over its cached keys/values -> (batch, heads, head_dim)."""
     return _paged_decode(q, k_cache, v_cache, block_tables, seq_lens, scale)
 
 
-def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                  seq_lens: torch.Tensor, scale: float, partition: int | None = None, block_n: int | None = None,
-                  num_warps: int | None = None, num_stages: int = 2, per_sequence: bool = False) -> torch.Tensor:
+def _paged_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    partition: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int = 2,
+    per_sequence: bool = False,
+) -> torch.Tensor:
     """`paged_decode` with its tuning knobs exposed (the benchmark sweeps them); `partition` 0 means no split.
     `per_sequence` runs one program per sequence (all its KV heads) instead of one per (sequence, KV head)."""
     _check_decode(q, k_cache, v_cache, block_tables, seq_lens)
@@ -269,37 +332,77 @@ def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     else:
         part_acc = part_m = part_l = out  # unused
     args = (
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_acc, part_m, part_l,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        out,
+        part_acc,
+        part_m,
+        part_l,
         scale * LOG2E,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
         block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        out.stride(0),
+        out.stride(1),
     )
     common = dict(
-        HEADS=heads, GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=dim,
-        BLOCK_TOKENS=block_tokens, BLOCK_N=block_n, PARTITION=partition, SPLITS=splits,
-        PRECISION=_precision(q.dtype), num_warps=num_warps, num_stages=num_stages,
+        HEADS=heads,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=dim,
+        BLOCK_TOKENS=block_tokens,
+        BLOCK_N=block_n,
+        PARTITION=partition,
+        SPLITS=splits,
+        PRECISION=_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     if per_sequence:
-        _decode_seq_kernel[(batch, splits)](
-            *args, KV_HEADS=kv_heads, KV_PAD=triton.next_power_of_2(kv_heads), **common
-        )
+        _decode_seq_kernel[(batch, splits)](*args, KV_HEADS=kv_heads, KV_PAD=triton.next_power_of_2(kv_heads), **common)
     else:
         _decode_kernel[(batch, kv_heads, splits)](*args, **common)
     if splits > 1:
         _decode_merge_kernel[(batch, heads)](
-            part_acc, part_m, part_l, seq_lens, out,
-            out.stride(0), out.stride(1),
-            HEADS=heads, HEAD_DIM=dim, PARTITION=partition, SPLITS=splits,
-            SPLITS_PAD=triton.next_power_of_2(splits), num_warps=4,
+            part_acc,
+            part_m,
+            part_l,
+            seq_lens,
+            out,
+            out.stride(0),
+            out.stride(1),
+            HEADS=heads,
+            HEAD_DIM=dim,
+            PARTITION=partition,
+            SPLITS=splits,
+            SPLITS_PAD=triton.next_power_of_2(splits),
+            num_warps=4,
         )
     return out
 
 
 @triton.jit
-def _prefill_tile(acc, m_i, l_i, q, k_tile, v_tile, rows, n0, seq_len, scale_log2,
-                  BLOCK_N: tl.constexpr, CAUSAL_MASK: tl.constexpr, PRECISION: tl.constexpr):
+def _prefill_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    k_tile,
+    v_tile,
+    rows,
+    n0,
+    seq_len,
+    scale_log2,
+    BLOCK_N: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     cols = n0 + tl.arange(0, BLOCK_N)
     s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION) * scale_log2
     if CAUSAL_MASK:
@@ -314,10 +417,24 @@ def _prefill_tile(acc, m_i, l_i, q, k_tile, v_tile, rows, n0, seq_len, scale_log
 
 @triton.jit
 def _prefill_kernel(
-    q_ptr, k_ptr, v_ptr, cu_ptr, out_ptr,
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cu_ptr,
+    out_ptr,
     scale_log2,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     # The last query tiles see the most keys: hand them out first so the tail of the grid is short work.
@@ -346,30 +463,38 @@ def _prefill_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :])
         v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :])
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2,
-                                      BLOCK_N, False, PRECISION)
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, False, PRECISION)
     # The diagonal: causal mask, and the sequence's end.
     for n0 in range(m0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         cmask = cols < seq_len
         k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=cmask[:, None], other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=cmask[:, None], other=0.0)
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2,
-                                      BLOCK_N, True, PRECISION)
+        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, True, PRECISION)
     out = acc / l_i[:, None]  # every real row sees at least its own key: l_i > 0
     o = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
     tl.store(o, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
 
 
-def varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                   scale: float) -> torch.Tensor:
+def varlen_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+) -> torch.Tensor:
     """Causal attention within each of the sequences laid end to end in q/k/v -> (tokens, heads, head_dim)."""
     return _varlen_prefill(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
-def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                    scale: float, block_m: int | None = None, block_n: int | None = None,
-                    num_warps: int | None = None, num_stages: int | None = None) -> torch.Tensor:
+def _varlen_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    num_warps: int | None = None,
+    num_stages: int | None = None,
+) -> torch.Tensor:
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     if k.shape != (tokens, kv_heads, dim) or v.shape != k.shape:
@@ -392,11 +517,27 @@ def _varlen_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         return out
     grid = (triton.cdiv(max(int(max_seqlen), 1), block_m), batch, heads)
     _prefill_kernel[grid](
-        q, k, v, cu_seqlens, out,
+        q,
+        k,
+        v,
+        cu_seqlens,
+        out,
         scale * LOG2E,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        GROUP=heads // kv_heads, HEAD_DIM=dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        num_warps=num_warps, num_stages=num_stages,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        GROUP=heads // kv_heads,
+        HEAD_DIM=dim,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        PRECISION=_precision(q.dtype),
+        num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 
@@ -417,8 +558,9 @@ def _add_rmsnorm_kernel(x_ptr, res_ptr, w_ptr, stride_x, stride_r, hidden, eps, 
     tl.store(x_ptr + row * stride_x + cols, (normed * w).to(x.dtype), mask=mask)
 
 
-def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """residual += x; x = RMSNorm(residual) * weight, both in place, rounding as Qwen2's modules do (the sum and
     the normalised value each rounded to the activations' dtype). x, residual (tokens, hidden) -> (x, residual)."""
     if x.shape != residual.shape or x.dim() != 2 or weight.shape != (x.shape[1],):
@@ -427,8 +569,17 @@ def fused_add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Ten
         raise ValueError("x and residual need contiguous rows")
     if x.shape[0]:
         hidden = x.shape[1]
-        _add_rmsnorm_kernel[(x.shape[0],)](x, residual, weight, x.stride(0), residual.stride(0), hidden, eps,
-                                           BLOCK=triton.next_power_of_2(hidden), num_warps=8 if hidden > 2048 else 4)
+        _add_rmsnorm_kernel[(x.shape[0],)](
+            x,
+            residual,
+            weight,
+            x.stride(0),
+            residual.stride(0),
+            hidden,
+            eps,
+            BLOCK=triton.next_power_of_2(hidden),
+            num_warps=8 if hidden > 2048 else 4,
+        )
     return x, residual
 
 
@@ -453,6 +604,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty(tokens, inter, device=gate_up.device, dtype=gate_up.dtype)
     if tokens:
         block = 1024
-        _silu_and_mul_kernel[(tokens, triton.cdiv(inter, block))](gate_up, out, gate_up.stride(0), out.stride(0),
-                                                                   inter, BLOCK=block, num_warps=4)
+        _silu_and_mul_kernel[(tokens, triton.cdiv(inter, block))](
+            gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
+        )
     return out
