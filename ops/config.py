@@ -72,7 +72,11 @@ class Settings:
         "EPD_SERVED_MODEL_NAME", "", "name clients use (default: the folder's name)", flag=True
     )
     topology: str = setting("EPD_TOPOLOGY", "e-p-d", "epd, e-pd or e-p-d", flag=True, choices=TOPOLOGIES)
-    nats_url: str = setting("EPD_NATS_URL", "", "an existing NATS server (default: an embedded one)", flag=True)
+    nats_url: str = setting(
+        "EPD_NATS_URL", "", "an existing NATS server, or a cluster's, comma-separated (default: embedded)", flag=True
+    )
+    nats_cluster: int = setting("EPD_NATS_CLUSTER", 0, "nodes of the embedded NATS cluster (0: one server)", flag=True)
+    nats_replicas: int = setting("EPD_NATS_REPLICAS", 1, "JetStream replicas of epd's streams and buckets (1..5)")
     mooncake_master: str = setting("EPD_MOONCAKE_MASTER", "", "an existing Mooncake master host:port", flag=True)
     mooncake_metadata: str = setting("EPD_MOONCAKE_METADATA", "", "its HTTP metadata URL", flag=True)
     mooncake_segment_mb: int = setting("EPD_MOONCAKE_SEGMENT_MB", 256, "memory each worker lends to the store")
@@ -142,6 +146,10 @@ class Settings:
             raise ValueError(f"mooncake segment size {self.mooncake_segment_mb} MB is negative")
         if self.max_deliver < 1:
             raise ValueError(f"max_deliver {self.max_deliver} must be at least 1")
+        if not 1 <= self.nats_replicas <= 5:
+            raise ValueError(f"EPD_NATS_REPLICAS={self.nats_replicas}: JetStream keeps 1 to 5 replicas")
+        if self.nats_cluster < 0:
+            raise ValueError(f"EPD_NATS_CLUSTER={self.nats_cluster} is negative")
         if not 0 <= self.trace_sample_ratio <= 1:
             raise ValueError(f"trace sample ratio {self.trace_sample_ratio} is not in [0, 1]")
         if not -1 <= self.metrics_port < 65536:
@@ -180,6 +188,11 @@ class Settings:
             return socket.gethostbyname(socket.gethostname())
         except OSError:
             return "127.0.0.1"
+
+    @property
+    def nats_servers(self) -> list[str]:
+        """EPD_NATS_URL's URLs: one server, or the nodes of a cluster."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
     @property
     def required_roles(self) -> tuple[str, ...]:

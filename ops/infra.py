@@ -7,6 +7,7 @@ free ports with their own data directory, and are stopped with their owner.
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,12 +17,39 @@ from epd.ops.processes import find_binary, free_port, http_ok, port_open, spawn,
 NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # requests carry encoded images inline
 
 
+@dataclass(frozen=True)
+class NatsSecurity:
+    """TLS and a user/password for a NATS server's clients, and for its cluster routes (mutual TLS there).
+
+    `cert` must name every address the server is reached at (IP SANs) and serve both as server and client
+    certificate (routes dial each other with it); `ca` verifies it.
+    """
+
+    ca: str
+    cert: str
+    key: str
+    user: str
+    password: str
+    route_user: str = "route"
+    route_password: str = ""
+
+    def tls_block(self, verify: bool) -> str:
+        v = "verify: true, " if verify else ""
+        return f'tls {{ {v}cert_file: "{self.cert}", key_file: "{self.key}", ca_file: "{self.ca}", timeout: 5 }}'
+
+
 @dataclass
 class NatsServer:
+    """One nats-server with JetStream; with `cluster_port` and `routes`, a node of a JetStream cluster."""
+
     workdir: Path
     host: str = "127.0.0.1"
     port: int = 0
     monitor_port: int = 0
+    name: str = "epd-nats"
+    cluster_port: int = 0  # 0: a lone server
+    routes: Sequence[str] = ()  # host:cluster_port of the other nodes
+    security: NatsSecurity | None = None
     proc: subprocess.Popen | None = field(default=None, repr=False)
 
     @property
@@ -33,18 +61,40 @@ class NatsServer:
         self.monitor_port = self.monitor_port or free_port(self.host)
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
-        conf.write_text(
-            f"listen: {self.host}:{self.port}\n"
-            f"http: {self.host}:{self.monitor_port}\n"
-            f"max_payload: {NATS_MAX_PAYLOAD}\n"
-            f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_memory_store: 256MB }}\n'
-        )
+        conf.write_text(self.config())
         self.proc = spawn([find_binary("nats-server"), "-c", str(conf)], self.workdir / "nats.log")
         wait_until(self._healthy, timeout_s, "nats-server", self.proc)
         return self
 
+    def config(self) -> str:
+        """nats-server's configuration file: listeners on `host` only, JetStream, and the cluster and security."""
+        lines = [
+            f"server_name: {self.name}",
+            f"listen: {self.host}:{self.port}",
+            f"http: {self.host}:{self.monitor_port}",  # health and monitoring: plain HTTP, keep it private
+            f"max_payload: {NATS_MAX_PAYLOAD}",
+            f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_memory_store: 256MB }}',
+        ]
+        sec = self.security
+        if sec:
+            lines.append(sec.tls_block(verify=False))  # clients: server-authenticated TLS, then the password
+            lines.append(f'authorization {{ user: "{sec.user}", password: "{sec.password}" }}')
+        if self.cluster_port:
+            auth = f"{sec.route_user}:{sec.route_password}@" if sec else ""
+            routes = ", ".join(f"nats://{auth}{r}" for r in self.routes)
+            lines.append(f"cluster {{ name: epd, listen: {self.host}:{self.cluster_port}, routes: [{routes}]")
+            if sec:
+                lines.append(f"  {sec.tls_block(verify=True)}")
+                lines.append(f'  authorization {{ user: "{sec.route_user}", password: "{sec.route_password}" }}')
+            lines.append("}")
+        return "\n".join(lines) + "\n"
+
     def _healthy(self) -> bool:
         return http_ok(f"http://{self.host}:{self.monitor_port}/healthz?js-enabled-only=true")
+
+    def jetstream_current(self) -> bool:
+        """JetStream on this node is ready to serve: in a cluster, it has a meta leader and is caught up."""
+        return http_ok(f"http://{self.host}:{self.monitor_port}/healthz")
 
     def stop(self) -> None:
         if self.proc:

@@ -12,7 +12,8 @@ from epd.workers.heartbeat import live_workers, stage_queue
 
 async def gather_status(nats_url: str, **connect: object) -> tuple[list[WorkerStatus], dict[str, dict[str, int]]]:
     """Live workers, and per stage stream: jobs waiting, jobs being worked on. `connect`: credentials, TLS."""
-    nc = await nats.connect(nats_url, name="epd-status", connect_timeout=5, max_reconnect_attempts=1, **connect)
+    servers = [u.strip() for u in nats_url.split(",") if u.strip()]  # a cluster: every node's URL
+    nc = await nats.connect(servers, name="epd-status", connect_timeout=5, max_reconnect_attempts=1, **connect)
     try:
         js = nc.jetstream()
         workers = await live_workers(js)

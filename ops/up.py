@@ -17,6 +17,7 @@ from pathlib import Path
 
 from epd.ops.config import TOPOLOGY_ROLES, Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
+from epd.ops.nats_cluster import NatsCluster
 from epd.ops.processes import free_port, spawn, stop, wait_until
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ class Cluster:
 
     settings: Settings
     workdir: Path
-    nats: NatsServer | None = None
+    nats: NatsServer | NatsCluster | None = None
     master: MooncakeMaster | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
 
@@ -64,7 +65,10 @@ class Cluster:
     def start(self, counts: dict[str, int] | None = None, gateway_timeout_s: float = 120.0) -> Cluster:
         s = self.settings
         try:
-            if not s.nats_url:
+            if not s.nats_url and s.nats_cluster > 1:
+                self.nats = NatsCluster(self.workdir / "nats", s.nats_cluster).start()
+                s = s.replace(nats_url=self.nats.url, nats_replicas=max(s.nats_replicas, self.nats.replicas))
+            elif not s.nats_url:
                 self.nats = NatsServer(self.workdir / "nats").start()
                 s = s.replace(nats_url=self.nats.url)
             if not s.mooncake_master and s.topology != "epd":

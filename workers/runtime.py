@@ -21,6 +21,7 @@ from epd.schemas import subjects
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, TokenChunk
+from epd.workers.buckets import ensure_buckets
 from epd.workers.ec_events import Landed
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
@@ -33,7 +34,7 @@ async def connect(settings: Settings, name: str) -> nats.NATS:
     if not settings.nats_url:
         raise ValueError("no NATS server: pass --nats-url or set EPD_NATS_URL")
     return await nats.connect(
-        settings.nats_url, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, **nats_auth(settings)
+        settings.nats_servers, name=name, max_reconnect_attempts=-1, reconnect_time_wait=0.5, **nats_auth(settings)
     )
 
 
@@ -54,8 +55,8 @@ def nats_auth(settings: Settings) -> dict:
     return kw
 
 
-async def ensure_streams(js: nats.js.JetStreamContext) -> None:
-    """Create the per-stage work-queue streams; idempotent, any process may call it."""
+async def ensure_streams(js: nats.js.JetStreamContext, replicas: int = 1) -> None:
+    """Create the per-stage work-queue streams, `replicas` copies each; idempotent, any process may call it."""
     for name, subs in subjects.STREAMS.items():
         cfg = StreamConfig(
             name=name,
@@ -64,6 +65,7 @@ async def ensure_streams(js: nats.js.JetStreamContext) -> None:
             storage=StorageType.FILE,
             max_msg_size=NATS_MAX_PAYLOAD,
             duplicate_window=120.0,
+            num_replicas=replicas,
         )
         try:
             await js.add_stream(cfg)
@@ -121,7 +123,8 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, name: str) -> Runtime:
         rt = cls(settings, await connect(settings, name))
-        await ensure_streams(rt.js)
+        await ensure_streams(rt.js, settings.nats_replicas)
+        await ensure_buckets(rt.js, settings.nats_replicas, settings.image_ttl_s)
         await rt.nc.subscribe(subjects.CANCEL, cb=rt._on_cancel)
         rt.landed = await Landed(rt.nc).start()
         return rt
