@@ -62,6 +62,7 @@ def span_record(span: ReadableSpan) -> dict:
         "name": span.name,
         "service": res.get("service.name", ""),
         "pid": res.get("process.pid", 0),
+        "host": res.get("host.ip", ""),
         "start_ns": span.start_time,
         "end_ns": span.end_time,
         "status": span.status.status_code.name,
@@ -74,7 +75,7 @@ def setup_tracing(service: str, settings: Settings) -> TracerProvider | None:
     """Install the global tracer provider for this process; None when tracing is off."""
     if not settings.tracing or os.environ.get("OTEL_SDK_DISABLED", "").lower() == "true":
         return None
-    provider = make_provider(service, settings.trace_sample_ratio)
+    provider = make_provider(service, settings.trace_sample_ratio, settings.reachable_host)
     if settings.trace_dir:
         path = Path(settings.trace_dir) / f"{service}-{os.getpid()}.jsonl"
         provider.add_span_processor(BatchSpanProcessor(JsonlSpanExporter(path), schedule_delay_millis=200))
@@ -84,10 +85,12 @@ def setup_tracing(service: str, settings: Settings) -> TracerProvider | None:
     return provider
 
 
-def make_provider(service: str, sample_ratio: float = 1.0) -> TracerProvider:
-    """A provider with epd's sampler and span ids, and no exporter yet."""
+def make_provider(service: str, sample_ratio: float = 1.0, host: str = "") -> TracerProvider:
+    """A provider with epd's sampler and span ids, and no exporter yet. `host`: the address this process is
+    reached at (`host.ip`), so a trace shows which machine each stage ran on."""
+    attributes = {"service.name": service, "process.pid": os.getpid()} | ({"host.ip": host} if host else {})
     return TracerProvider(
-        resource=Resource.create({"service.name": service, "process.pid": os.getpid()}),
+        resource=Resource.create(attributes),
         sampler=ParentBased(TraceIdRatioBased(sample_ratio)),
         id_generator=_IdGenerator(),
     )

@@ -102,6 +102,10 @@ class StageLoop:
                 msgs = await sub.fetch(1, timeout=1.0)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
+            except nats.js.errors.ServiceUnavailableError:  # a cluster electing the consumer's leader (a node lost)
+                log.warning("%s: JetStream unavailable for now; fetching again", durable)
+                await asyncio.sleep(0.5)
+                continue
             for msg in msgs:
                 task = asyncio.create_task(self._process(msg))
                 self._tasks.add(task)

@@ -250,7 +250,13 @@ class RemoteDecode:
         handle, target = None, None
         if writer is not None:
             with tracer().start_as_current_span(
-                "kv.send", attributes={"epd.bytes": writer.nbytes, "epd.layers": writer.shape[0], "epd.path": "direct"}
+                "kv.send",
+                attributes={
+                    "epd.bytes": writer.nbytes,
+                    "epd.layers": writer.shape[0],
+                    "epd.path": "direct",
+                    "epd.kv.peer": writer.grant.session,  # the decoder's host:port: KV goes there directly
+                },
             ) as span:
                 try:
                     handle, target = await writer.finish(), writer.decoder_id
