@@ -54,7 +54,7 @@ venv:
 	  "the locks are for Python $(LOCK_PY), and $(PYTHON) is " + v + ": run with PYTHON=python$(LOCK_PY), or `make lock` for this one")'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 
-# Debian packages: libibverbs1 (Mooncake's wheel links it), a C compiler (ops/bind_shim.c), venv.
+# Debian packages: libibverbs1 (Mooncake's wheel links it), a C compiler (ops/bind_shim.c), iproute2, venv.
 system:
 	@if ! ldconfig -p 2>/dev/null | grep -q libibverbs.so.1; then \
 	  echo "installing libibverbs1 (Mooncake needs it)"; \
@@ -62,6 +62,9 @@ system:
 	@if ! command -v cc >/dev/null; then \
 	  echo "installing a C compiler (for ops/bind_shim.c: Mooncake's listeners on EPD_BIND_HOST)"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc libc6-dev; fi
+	@if ! command -v ip >/dev/null; then \
+	  echo "installing iproute2 (tests/hosts.py: hosts as network namespaces)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; fi
 	@if ! $(PYTHON) -c "import venv, ensurepip" 2>/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; fi
 
