@@ -195,6 +195,12 @@ class Settings:
         return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
     @property
+    def tcp_bind_address(self) -> str:
+        """MC_TCP_BIND_ADDRESS: Mooncake's TCP transport binds it and also advertises it to its peers, so
+        "any" (0.0.0.0, as in containers) becomes the reachable address, which peers can connect to."""
+        return self.reachable_host if self.bind_host in ("0.0.0.0", "::") else self.bind_host
+
+    @property
     def required_roles(self) -> tuple[str, ...]:
         """Roles without which the topology cannot serve: encoders are optional when prefill may encode."""
         roles = TOPOLOGY_ROLES[self.topology]
