@@ -29,6 +29,7 @@ OVERRIDE = ROOT / "tests" / "compose" / "override.yml"
 BASE_IMAGE = "epd-test/debian:bookworm-minbase"
 SITE_CA_DIR = Path("/usr/local/share/ca-certificates")  # a re-signing proxy's CAs, where the host has them
 BUILD_CA_DIR = ROOT / "ops" / "ca-certificates"  # what ops/Dockerfile copies in (git-ignored)
+WHEELHOUSE_PORT = 38765
 MISSING = "no Docker Compose v2 here: `make docker-tools` installs it (ops/docker_tools.sh)"
 
 
@@ -127,7 +128,10 @@ def build_args() -> Iterator[list[str]]:
     wheels = pip_find_links()
     if wheels is not None:
         handler = functools.partial(QuietFiles, directory=str(wheels))
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        try:  # one port every time: a build argument's value is part of the layer cache's key
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", WHEELHOUSE_PORT), handler)
+        except OSError:  # taken: any port, and the dependency layer builds again
+            server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         args += ["--build-arg", f"PIP_FIND_LINKS=http://127.0.0.1:{server.server_port}/"]
         args += ["--build-arg", "PIP_EXTRA_INDEX_URL="]

@@ -28,7 +28,8 @@ import pytest
 from .conftest import chat_body, png_bytes
 from .docker_stack import Project, build_args, container_ip, docker_engine, ensure_base_image
 
-pytestmark = pytest.mark.compose
+# the first test's timeout covers the module's set-up: a cold build takes several minutes
+pytestmark = [pytest.mark.compose, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "epd-demo-qwen2-vl"
