@@ -115,7 +115,7 @@ def build_args() -> Iterator[list[str]]:
     """`docker compose build` arguments for this machine; the site's CA files sit in the context meanwhile.
 
     A local wheelhouse is served over HTTP on loopback (builds run on the host's network) and passed as
-    PIP_FIND_LINKS; the default extra index (download.pytorch.org) is dropped, as the wheelhouse stands in for it.
+    PIP_FIND_LINKS; the CPU torch index (download.pytorch.org) is dropped, as the wheelhouse stands in for it.
     """
     args = ["--build-arg", f"BASE={BASE_IMAGE}"]
     copied = []
@@ -134,7 +134,7 @@ def build_args() -> Iterator[list[str]]:
             server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         args += ["--build-arg", f"PIP_FIND_LINKS=http://127.0.0.1:{server.server_port}/"]
-        args += ["--build-arg", "PIP_EXTRA_INDEX_URL="]
+        args += ["--build-arg", "TORCH_CPU_INDEX="]
     try:
         yield args
     finally:
