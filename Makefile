@@ -6,12 +6,12 @@ ARGS    ?=
 # The locks are resolved for CPython 3.11 on x86_64 Linux (Debian bookworm's python3).
 LOCK_PY := 3.11
 
-.PHONY: serve test lint lock check-latest clean system
+.PHONY: serve test lint lock check-latest clean system docker-tools
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/epd up $(ARGS)
 
-test: $(VENV)/.test
+test: $(VENV)/.test docker-tools
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest
 
@@ -67,6 +67,11 @@ system:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iproute2; fi
 	@if ! $(PYTHON) -c "import venv, ensurepip" 2>/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; fi
+
+# The compose test's engine, debootstrap and Compose v2 plugin (ops/docker_tools.sh; Debian, root): each skipped
+# when present. The Compose download goes through the environment's pip.
+docker-tools: $(VENV)/.test
+	PYTHON=$(PY) ops/docker_tools.sh
 
 clean:
 	rm -rf $(VENV) .venv-latest .epd .pytest_cache

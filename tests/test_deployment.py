@@ -1,6 +1,7 @@
-"""docker-compose.yml without a Docker engine: valid against the Compose Specification, consistent with
-the project (commands, variables, healthchecks, files), and its own commands serve a request as local
-processes, with loopback in place of the service host names."""
+"""docker-compose.yml as Compose reads it (`docker compose config`, no engine needed): valid against the Compose
+Specification, consistent with the project (commands, variables, healthchecks, files), and its own commands
+serve a request as local processes, with loopback in place of the service host names. The file itself holds no
+YAML anchors or merge keys, which YAML parsers resolve differently. tests/test_compose_up.py runs it on an engine."""
 
 import json
 import os
@@ -21,6 +22,7 @@ from epd.ops.config import Settings
 from epd.ops.processes import find_binary, free_port, spawn, stop
 
 from .conftest import Received, chat_body, png_bytes
+from .docker_stack import compose_config
 from .oracle import reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,7 +41,12 @@ WORKERS = ("encoder", "prefill", "decode")
 
 
 def compose() -> dict:
-    return yaml.safe_load(COMPOSE_FILE.read_text())
+    """The default services (no profile), as Compose resolves them."""
+    return compose_config()
+
+
+def with_gpu() -> dict:
+    return compose_config("gpu")
 
 
 def ours(services: dict) -> dict:
@@ -53,12 +60,23 @@ def settings_vars() -> set[str]:
 
 @pytest.mark.unit
 def test_valid_against_the_compose_specification() -> None:
-    jsonschema.Draft7Validator(json.loads(SPEC.read_text())).validate(compose())
+    spec = jsonschema.Draft7Validator(json.loads(SPEC.read_text()))
+    spec.validate(yaml.safe_load(COMPOSE_FILE.read_text()))  # the file as written
+    spec.validate(with_gpu())  # and as Compose resolves it, every profile included
+
+
+@pytest.mark.unit
+def test_no_yaml_anchors_or_merge_keys() -> None:
+    """Parsers disagree on merge-key precedence (PyYAML 6.0.4 gave the GPU services `VARIANT: cpu`): Compose's own
+    `extends` says what a service shares, and every parser reads the same values."""
+    events = list(yaml.parse(COMPOSE_FILE.read_text()))
+    assert not [e for e in events if getattr(e, "anchor", None) or isinstance(e, yaml.AliasEvent)]
+    assert "<<" not in {e.value for e in events if isinstance(e, yaml.ScalarEvent)}
 
 
 @pytest.mark.unit
 def test_structure_matches_the_project() -> None:
-    services = compose()["services"]
+    services = with_gpu()["services"]
     mine = ours(services)
     assert {"gateway", "mooncake-master", *WORKERS} <= set(mine)
     assert {"nats", "jaeger", "prometheus"} <= set(services)
@@ -68,21 +86,23 @@ def test_structure_matches_the_project() -> None:
         cmd = svc["command"]
         assert cmd[0] == "epd", name
         cli.parse_args(cmd[1:])  # exits (fails the test) on a command our CLI does not take
-        assert set(svc["environment"]) <= known, (name, set(svc["environment"]) - known)
+        env = svc.get("environment", {})
+        assert set(env) <= known, (name, set(env) - known)
+        assert svc.get("init") is True, name  # Python as PID 1 would ignore SIGTERM
         build = svc["build"]
         assert (ROOT / build["context"] / build["dockerfile"]).is_file()
         test = svc["healthcheck"]["test"]
         assert test[:2] == ["CMD", "epd"], name
         args = cli.parse_args(test[2:])
         port = int(re.search(r":(\d+)/", args.url).group(1))
-        listens = {int(p) for p in svc.get("expose", [])} | {int(svc["environment"]["EPD_METRICS_PORT"])}
+        listens = {int(p) for p in svc.get("expose", [])} | {int(svc.get("environment", {}).get("EPD_METRICS_PORT", 0))}
         assert port in listens, (name, port, listens)
     for name in WORKERS:  # scalable: no fixed names, no host ports
         assert "container_name" not in services[name] and "ports" not in services[name]
         assert services[name]["healthcheck"]["test"][-1].endswith(":9400/metrics")
     for name, svc in services.items():
         for binding in svc.get("ports", []):
-            assert binding.startswith("127.0.0.1:"), (name, binding)  # loopback unless the operator says otherwise
+            assert binding["host_ip"] == "127.0.0.1", (name, binding)  # loopback unless the operator says otherwise
         for dep, cond in svc.get("depends_on", {}).items():
             assert dep in services, (name, dep)
             if cond["condition"] == "service_healthy":
@@ -103,8 +123,8 @@ def test_structure_matches_the_project() -> None:
     # mounted config files exist; Prometheus scrapes the gateway and every worker service on its metrics port
     for svc in services.values():
         for vol in svc.get("volumes", []):
-            if vol.startswith("./"):
-                assert (ROOT / vol.split(":")[0]).is_file(), vol
+            if vol["type"] == "bind":
+                assert Path(vol["source"]).is_file() and vol.get("read_only"), vol
     prom = yaml.safe_load((ROOT / "ops" / "prometheus.yml").read_text())
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     assert jobs["gateway"]["static_configs"][0]["targets"] == ["gateway:8000"]
@@ -126,12 +146,12 @@ def test_readme_is_the_configuration_surface_and_the_deployment_truth() -> None:
     assert listed == settings_vars(), listed ^ settings_vars()
     deployment = readme[readme.index("## Deployment") :]
     deployment = deployment[: deployment.index("\n## ", 1)]
-    services = compose()["services"]
+    services = with_gpu()["services"]
     for name in services:
         assert f"`{name}`" in deployment, name
     for svc in services.values():
         for binding in svc.get("ports", []):
-            assert f"127.0.0.1:{binding.split(':')[1]}" in deployment, binding
+            assert f"127.0.0.1:{binding['published']}" in deployment, binding
 
 
 # --- the compose topology, run as local processes ---------------------------------------------------------
@@ -203,8 +223,8 @@ class LocalCompose:
 
     def start_nats(self) -> None:
         svc = self.services["nats"]
-        conf_src = next(v.split(":")[0] for v in svc["volumes"] if v.endswith("nats.conf:ro"))
-        conf = (ROOT / conf_src).read_text()
+        conf_src = next(v["source"] for v in svc["volumes"] if v["target"].endswith("nats.conf"))
+        conf = Path(conf_src).read_text()
         for port in (4222, 8222):
             conf = conf.replace(f"0.0.0.0:{port}", f"127.0.0.1:{self.ports[('nats', port)]}")
         conf = conf.replace('"/data"', json.dumps(str(self.workdir / "jetstream")))
