@@ -18,9 +18,10 @@ test: $(VENV)/.test docker-tools
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
 
-# Every lock again from pyproject.toml and lock/*.in (uv, pinned in the test lock). Commit the result.
+# Every lock again from pyproject.toml and lock/*.in (uv, pinned in the test lock), keeping the pins it can;
+# LOCK_ARGS=--upgrade takes the newest the ranges allow. Commit the result.
 lock: $(VENV)/.test
-	UV=$(VENV)/bin/uv bash lock/compile.sh
+	UV=$(VENV)/bin/uv bash lock/compile.sh $(LOCK_ARGS)
 
 # An early warning, not CI: the newest releases pyproject.toml's ranges allow (torch held at the lock's build),
 # in a virtual environment of their own, through the engine and gateway tests.

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Regenerates every lock from pyproject.toml and lock/*.in: `make lock`.
+# Regenerates every lock from pyproject.toml and lock/*.in: `make lock`. The pins already in a lock are kept
+# unless asked otherwise: `make lock LOCK_ARGS=--upgrade` (everything) or `LOCK_ARGS="--upgrade-package NAME"`.
 #
 # uv resolves the whole tree for a target interpreter and platform (CPython 3.11, x86_64 manylinux_2_28)
 # whatever machine runs it, writes every hash the index publishes, and does it in seconds; pip then
@@ -12,8 +13,8 @@ WHEELS=${EPD_WHEELHOUSE:-$(python3 -m pip config get global.find-links 2>/dev/nu
 target=(--generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 --quiet)
 local_torch=(--find-links "$WHEELS" --no-emit-find-links)
 $UV pip compile pyproject.toml lock/cpu.in --extra cpu "${target[@]}" "${local_torch[@]}" \
-    -c lock/constraints.txt -o lock/serve-cpu.txt
+    -c lock/constraints.txt -o lock/serve-cpu.txt "$@"
 $UV pip compile pyproject.toml lock/cpu.in lock/test.in --extra cpu --extra test "${target[@]}" "${local_torch[@]}" \
-    -c lock/constraints.txt -o lock/test-cpu.txt
-$UV pip compile pyproject.toml lock/cuda.in --extra cuda "${target[@]}" -c lock/constraints.txt -o lock/cuda.txt
+    -c lock/constraints.txt -o lock/test-cpu.txt "$@"
+$UV pip compile pyproject.toml lock/cuda.in --extra cuda "${target[@]}" -c lock/constraints.txt -o lock/cuda.txt "$@"
 echo "locks written: lock/serve-cpu.txt lock/test-cpu.txt lock/cuda.txt"
