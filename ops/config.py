@@ -17,6 +17,7 @@ TOPOLOGIES = ("epd", "e-pd", "e-p-d")
 ROLES = ("encode", "prefill", "decode", "pd", "epd")
 TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
 KV_TRANSFERS = ("direct", "store")  # prefill writes into the decoder's memory, or through Mooncake Store
+ENGINES = ("epd", "vllm")  # vllm: workers/vllm_engine.py, in vLLM's own environment (make test-vllm)
 EC_BACKENDS = ("mooncake", "shared-dir")  # the aggregated epd topology keeps embeddings in its process
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -107,6 +108,9 @@ class Settings:
     image_ttl_s: float = setting("EPD_IMAGE_TTL_S", 3600.0, "how long the image store keeps a request's images")
     max_inflight: int = setting("EPD_MAX_INFLIGHT", 256, "HTTP requests in flight per gateway (429 over it)")
     pool_grace_s: float = setting("EPD_POOL_GRACE_S", 10.0, "a stage without live workers this long: 503")
+    engine: str = setting(
+        "EPD_ENGINE", "epd", "the pd and epd workers' engine: epd's or vLLM's", flag=True, choices=ENGINES
+    )
     ec_backend: str = setting("EPD_EC_BACKEND", "mooncake", "the shared encoder cache", choices=EC_BACKENDS)
     ec_dir: str = setting("EPD_EC_DIR", "", "the shared-dir encoder cache's directory")
     ec_capacity_mb: float = setting("EPD_EC_CAPACITY_MB", 4096.0, "bound of the shared-dir and in-process caches")
@@ -132,6 +136,8 @@ class Settings:
     def __post_init__(self) -> None:
         if self.topology not in TOPOLOGIES:
             raise ValueError(f"topology {self.topology!r} is not one of {', '.join(TOPOLOGIES)}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
         if self.ec_backend not in EC_BACKENDS:
             raise ValueError(f"encoder-cache backend {self.ec_backend!r} is not one of {', '.join(EC_BACKENDS)}")
         if self.ec_backend == "shared-dir" and not self.ec_dir:

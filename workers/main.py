@@ -13,7 +13,7 @@ from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.heartbeat import Heartbeat
 from epd.workers.loop import StageLoop
-from epd.workers.roles import build_role, weights_for
+from epd.workers.roles import Role, build_role, weights_for
 from epd.workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -21,11 +21,18 @@ log = logging.getLogger(__name__)
 
 async def run_worker(role: str, settings: Settings) -> None:
     provider = setup_tracing(f"epd-{role}", settings)
-    ckpt = Checkpoint.open(settings.model)
-    weights = weights_for(role, settings)  # the half of the model this role runs, or all of it
-    family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype, weights)
-    rt = await Runtime.start(settings, name=f"epd-{role}")
-    parts = build_role(role, rt, ckpt, family)
+    if settings.engine == "vllm" and role in ("pd", "epd"):  # vLLM loads the model: epd's engine stays unloaded
+        from epd.workers.vllm_engine import vllm_stages
+
+        weights = "vllm"
+        rt = await Runtime.start(settings, name=f"epd-{role}")
+        parts = Role(await vllm_stages(role, rt))
+    else:
+        ckpt = Checkpoint.open(settings.model)
+        weights = weights_for(role, settings)  # the half of the model this role runs, or all of it
+        family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype, weights)
+        rt = await Runtime.start(settings, name=f"epd-{role}")
+        parts = build_role(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in parts.stages]
     metrics_url = serve_metrics(settings.bind_host, settings.metrics_port, settings.reachable_host)
     heartbeat = Heartbeat(rt, role, [(getattr(s, "durable", s.name), s.subject) for s in parts.stages], metrics_url)
