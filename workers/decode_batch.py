@@ -29,8 +29,10 @@ about the larger of the two, not their sum. A step runs ahead only when it can b
 same batch as the one before: every sequence greedy, none leaving, none joining or
 waiting to resume, and a block free for each one's token after next (taken now). A
 sequence that step n finishes had a row in step n+1 anyway: that token is dropped, never
-sent, and its blocks are released once step n+1 is done. Otherwise the loop waits for the
-step in flight and schedules the next as usual.
+sent. Its blocks are released at once (step n+1 still writes its row into them, but all
+device work is on one stream: a new owner's writes and reads are queued after it), so a
+request waiting for blocks is not held back a step. Otherwise the loop waits for the step
+in flight and schedules the next as usual.
 """
 
 from __future__ import annotations
@@ -172,6 +174,9 @@ class DecodeBatch:
                         self._fail_step(live, e)
                         continue
                     self._deliver(live, tokens)
+                    # a finished sequence's blocks are free now, though the step in flight writes its row into them:
+                    # whatever reuses them is queued after that step on the same stream
+                    await self._release_done()
                     continue
                 await self._release_done()
                 live = self._schedule()

@@ -611,6 +611,20 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
+def _rounded(x, dt: tl.constexpr):
+    """float32 x rounded to dt's precision (to nearest, ties to even), kept in float32: as a torch op on dt tensors
+    stores it. For bf16 by its bits: a plain .to(bf16).to(float32) round trip may be folded away by the compiler."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif dt == tl.float32:
+        return x
+    else:
+        return x.to(dt).to(tl.float32)
+
+
+@triton.jit
 def _rope_store_kernel(
     qkv_ptr,
     cos_ptr,
@@ -643,8 +657,8 @@ def _rope_store_kernel(
     dt = x1.dtype
     a1, b1 = x1.to(tl.float32), x2.to(tl.float32)
     # x * cos + rotate_half(x) * sin, each product and the sum rounded to the activations' dtype as the modules do
-    o1 = ((a1 * c1).to(dt).to(tl.float32) + (-b1 * s1).to(dt).to(tl.float32)).to(dt)
-    o2 = ((b1 * c2).to(dt).to(tl.float32) + (a1 * s2).to(dt).to(tl.float32)).to(dt)
+    o1 = (_rounded(a1 * c1, dt) + _rounded(-b1 * s1, dt)).to(dt)
+    o2 = (_rounded(b1 * c2, dt) + _rounded(a1 * s2, dt)).to(dt)
     tl.store(first, o1, mask=rotated[:, None])
     tl.store(first + HALF, o2, mask=rotated[:, None])
     if STORE:
