@@ -4,7 +4,8 @@ A forward takes (tokens, hidden) embeddings and (3, tokens) M-RoPE positions; wh
 prefill or a decode step, and where keys and values go, is the step's `Context` (context.py).
 Per layer: RMSNorm -> fused QKV projection (with bias) -> M-RoPE -> attention -> o_proj ->
 residual -> RMSNorm -> fused gate_up -> SiLU(gate) * up -> down -> residual. Then the final
-norm. Each residual addition is done by the next norm (on CUDA one fused kernel, in place).
+norm. Each residual addition is done by the next norm (on CUDA one fused kernel, in place);
+on CUDA the M-RoPE turn of q and k and the cache writes of k and v are one kernel too.
 `logits` applies lm_head (tied to the embeddings when the config says so).
 
 Weights come from the Hugging Face checkpoint's tensors as they ship: `load_weight` puts q, k, v

@@ -11,6 +11,9 @@ Two operations, with the same signatures as the plain-torch versions in `attenti
 - `varlen_prefill`: causal attention over a flat batch of prompts laid end to end (`cu_seqlens`), a
   flash-attention forward: tiles of queries against tiles of keys with an online softmax, no padding.
 
+Beside them, fused kernels for the model's own layers: `fused_add_rmsnorm`, `silu_and_mul`, and
+`rope_and_store` (the rotary turn of q and k in place, and k and v into their cache slots).
+
 Layouts: q (batch, heads, dim); one layer's cache (num_blocks, block_tokens, kv_heads, dim), contiguous;
 block_tables (batch, max_blocks) int32; seq_lens (batch,) int32, the tokens to attend, the current one
 included. Softmax runs in float32 in base 2 (`exp2` on scores pre-multiplied by scale * log2 e).
