@@ -152,7 +152,7 @@ def bench_prefill(family: Any, prompts: int, tokens: int) -> dict[str, float]:
     }
 
 
-def new_batch(family: Any, cache_mb: int, graphs: bool) -> Any:
+def new_batch(family: Any, cache_mb: int, graphs: bool, run_ahead: bool = True) -> Any:
     """A continuous batch on its own cache; reused across runs, so that its CUDA graphs are recorded once."""
     from epd.workers.decode_batch import DecodeBatch
     from epd.workers.engine.kv_cache import PagedKVCache
@@ -161,7 +161,7 @@ def new_batch(family: Any, cache_mb: int, graphs: bool) -> Any:
         kv_tokens = kv_capacity = 0
 
     cache = PagedKVCache(family.kv_layout(), cache_mb * 2**20)
-    return DecodeBatch(family, cache, 256, set(), 32768, set(), Load(), cuda_graphs=graphs)
+    return DecodeBatch(family, cache, 256, set(), 32768, set(), Load(), cuda_graphs=graphs, run_ahead=run_ahead)
 
 
 async def _decode_ours(batch: Any, prefilled: list, new: int) -> tuple[float, list[float], list[list[int]]]:
@@ -209,14 +209,16 @@ def bench_decode(family: Any, concurrency: int, prompt: int, new: int, bound: An
     need_mb = int(concurrency * (prompt + new + 32) * family.kv_layout().bytes_per_token() / 2**20) + 64
     phase(f"decode {concurrency}: ours, eager")
 
-    async def twice(graphs: bool) -> Any:  # one event loop: the batch's asyncio objects belong to it
-        batch = new_batch(family, need_mb, graphs)
+    async def twice(graphs: bool, run_ahead: bool = True) -> Any:  # one event loop: the batch's asyncio objects
+        batch = new_batch(family, need_mb, graphs, run_ahead)
         await _decode_ours(batch, prefilled, new)  # warm-up; with graphs, records every bucket this run meets
         return await _decode_ours(batch, prefilled, new)
 
     eager, eager_gaps, eager_tokens = asyncio.run(twice(graphs=False))
     phase(f"decode {concurrency}: ours, CUDA graphs")
     seconds, gaps, tokens = asyncio.run(twice(graphs=True))
+    phase(f"decode {concurrency}: ours, CUDA graphs, each step launched after the last one's tokens are read")
+    in_turn, in_turn_gaps, in_turn_tokens = asyncio.run(twice(graphs=True, run_ahead=False))
     prefilled.clear()  # (their KV: device memory the baselines can use)
     phase(f"decode {concurrency}: transformers' generate")
     model = family.model
@@ -242,6 +244,9 @@ def bench_decode(family: Any, concurrency: int, prompt: int, new: int, bound: An
         "read_bound_ms": bound_ms,
         "step_over_read_bound": step_ms / bound_ms,
         "graphs_give_eager_tokens": tokens == eager_tokens,
+        "run_ahead_gives_in_turn_tokens": tokens == in_turn_tokens,
+        "ours_without_run_ahead_tokens_per_s": produced / in_turn,
+        "step_ms_median_without_run_ahead": statistics.median(in_turn_gaps) * 1e3 if in_turn_gaps else float("nan"),
         "ours_tokens_per_s": produced / seconds,
         "ours_without_graphs_tokens_per_s": produced / eager,
         "step_ms_median_without_graphs": statistics.median(eager_gaps) * 1e3 if eager_gaps else float("nan"),
@@ -371,7 +376,8 @@ def table(r: dict[str, Any]) -> str:
         lines.append(
             f"| decode tokens/s at {d['concurrency']} "
             f"(static-batch generate {d['generate_static_batch_tokens_per_s']:.0f}; "
-            f"ours without CUDA graphs {d['ours_without_graphs_tokens_per_s']:.0f}) "
+            f"ours without CUDA graphs {d['ours_without_graphs_tokens_per_s']:.0f}; "
+            f"graphs without run-ahead {d['ours_without_run_ahead_tokens_per_s']:.0f}) "
             f"| {d['ours_tokens_per_s']:.0f} | {d['naive_one_at_a_time_tokens_per_s']:.0f} "
             f"| {d['ours_tokens_per_s'] / d['naive_one_at_a_time_tokens_per_s']:.2f}x |"
         )

@@ -49,9 +49,11 @@ def prompts(ckpt, family, n: int, seed: int) -> list[tuple[list[int], list]]:  #
     return out
 
 
-def decode_all(ckpt, family, batch_prompts, new: int, graphs: bool, eos: bool = False) -> list[list[int]]:  # noqa: ANN001
+def decode_all(  # noqa: ANN001
+    ckpt, family, batch_prompts, new: int, graphs: bool, eos: bool = False, params_of=None
+) -> list[list[int]]:
     """Every prompt prefilled in one forward, then decoded together in one continuous batch (`eos`: each stops
-    at the model's end of turn; otherwise every one makes `new` tokens)."""
+    at the model's end of turn; otherwise every one makes `new` tokens; `params_of(i)`: request i's own)."""
     from epd.schemas.common import SamplingParams
     from epd.workers.decode_batch import DecodeBatch
     from epd.workers.engine.kv_cache import PagedKVCache
@@ -69,7 +71,7 @@ def decode_all(ckpt, family, batch_prompts, new: int, graphs: bool, eos: bool = 
             tokens = [int(out.logits.argmax())]
             if tokens[0] in stops:
                 return tokens
-            seq = await batch.admit(f"r{i}", out.kv, out.rope_delta, tokens[0], params)
+            seq = await batch.admit(f"r{i}", out.kv, out.rope_delta, tokens[0], params_of(i) if params_of else params)
             while True:
                 token, reason = await seq.out.get()
                 tokens.append(token)
@@ -102,6 +104,30 @@ def test_float32_gpu_with_kernels_and_graphs_gives_the_cpu_tokens(tiny: Path) ->
     expected = decode_all(ckpt, cpu, batch, 40, graphs=False)
     assert decode_all(ckpt, gpu, on_gpu, 40, graphs=True) == expected
     assert decode_all(ckpt, gpu, on_gpu, 40, graphs=False) == expected
+
+
+def test_float32_steps_that_run_ahead_send_nothing_after_a_finish(tiny: Path) -> None:
+    """Graphs queue step n+1 before step n's tokens are read: sequences finishing at different steps (a stop
+    token, max_tokens) get exactly the eager path's tokens, none past their finish."""
+    from epd.schemas.common import SamplingParams
+    from epd.workers.engine import load_family
+    from epd.workers.engine.checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(tiny)
+    gpu = load_family(ckpt, device="cuda")
+    batch = [(ids, [type(e)(e.embedding.cuda(), e.grid_thw) for e in enc]) for ids, enc in prompts(ckpt, gpu, 8, 5)]
+    free = decode_all(ckpt, gpu, batch, 30, graphs=False)
+    # request i stops at its own step: the token it made at step 3 + 3i (if not seen before), or at 8 + 2i tokens
+    stop_at = [3 + 3 * i for i in range(8)]
+    params = [
+        SamplingParams(max_tokens=8 + 2 * i, temperature=0.0)
+        if i % 2
+        else SamplingParams(max_tokens=30, temperature=0.0, stop_token_ids=[free[i][stop_at[i]]])
+        for i in range(8)
+    ]
+    eager = decode_all(ckpt, gpu, batch, 30, graphs=False, params_of=params.__getitem__)
+    assert len({len(t) for t in eager}) > 4  # they finish at different steps
+    assert decode_all(ckpt, gpu, batch, 30, graphs=True, params_of=params.__getitem__) == eager
 
 
 def test_float32_kernels_agree_with_the_torch_path_on_the_models_kv(tiny: Path) -> None:

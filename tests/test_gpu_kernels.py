@@ -252,3 +252,39 @@ def test_silu_and_mul_matches_the_modules(kernels, dtype, tokens, inter) -> None
     gate, up = gate_up.chunk(2, dim=-1)
     expected = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(kernels.silu_and_mul(gate_up), expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rotary embeddings and the cache write in one kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,dim,tokens", [(28, 4, 128, 5), (4, 2, 64, 33), (2, 1, 16, 1)])
+def test_rope_and_store_matches_the_modules(kernels, dtype, heads, kv_heads, dim, tokens) -> None:
+    """The fused kernel against qwen2_text's rotate + store_kv: q and k turned in place, k and v in their slots,
+    nothing else in the cache touched. bf16 bit for bit (the same roundings); float32 to its last bits (the
+    kernel may fuse a product into the sum)."""
+    from epd.workers.engine.attention import store_kv
+    from epd.workers.engine.qwen2_text import MRoPE, rotate
+
+    skip_bf16_in_interpreter(dtype)
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{dtype}{heads}{dim}{tokens}".encode()))
+    qkv = torch.randn(tokens, heads + 2 * kv_heads, dim, generator=gen).to(DEVICE, dtype)
+    section = [dim // 8, dim // 8 * 3 // 2, dim // 2 - dim // 8 - dim // 8 * 3 // 2]
+    rope = MRoPE(dim, 1e6, section, torch.device(DEVICE))
+    positions = torch.randint(0, 4000, (3, tokens), generator=gen).to(DEVICE)
+    cos, sin = rope.cos_sin(positions, dtype)
+    caches = [torch.randn(9, 16, kv_heads, dim, generator=gen).to(DEVICE, dtype) for _ in range(2)]
+    slots = torch.randperm(9 * 16, generator=gen)[:tokens].to(DEVICE)
+    want_qk = rotate(qkv[:, : heads + kv_heads], cos, sin)
+    want_caches = [c.clone() for c in caches]
+    store_kv(*want_caches, want_qk[:, heads:], qkv[:, heads + kv_heads :], slots)
+    got = qkv.clone()
+    kernels.rope_and_store(got, cos, sin, heads, kv_heads, *caches, slots)
+    same = torch.equal if dtype != torch.float32 else lambda a, b: torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert same(got[:, : heads + kv_heads], want_qk)
+    assert torch.equal(got[:, heads + kv_heads :], qkv[:, heads + kv_heads :])
+    assert same(caches[0], want_caches[0]) and torch.equal(caches[1], want_caches[1])
+    alone = qkv.clone()
+    kernels.rope_and_store(alone, cos, sin, heads, kv_heads)  # no cache: the rotation alone
+    assert torch.equal(alone, got)

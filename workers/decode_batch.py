@@ -21,6 +21,18 @@ batch always progresses.
 The step loop samples and decides each sequence's finish itself, then queues the token
 for the request's task, which only formats and sends replies: a slow client never
 holds a step back, and a step never waits for a reply.
+
+With CUDA graphs, steady steps run ahead: while step n is on the device, step n+1 is
+queued behind it, fed step n's greedy tokens on the device, so the host's work on step
+n's tokens (finish checks, queueing them) overlaps step n+1's kernels and a step costs
+about the larger of the two, not their sum. A step runs ahead only when it can be the
+same batch as the one before: every sequence greedy, none leaving, none joining or
+waiting to resume, and a block free for each one's token after next (taken now). A
+sequence that step n finishes had a row in step n+1 anyway: that token is dropped, never
+sent. Its blocks are released at once (step n+1 still writes its row into them, but all
+device work is on one stream: a new owner's writes and reads are queued after it), so a
+request waiting for blocks is not held back a step. Otherwise the loop waits for the step
+in flight and schedules the next as usual.
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from epd.workers.engine.sampling import MIN_TEMPERATURE, sample
 from epd.workers.errors import RequestFailed
 
 if TYPE_CHECKING:
+    from epd.workers.engine.cuda_graphs import Launched
     from epd.workers.runtime import Load
 
 ADMIT_POLL_S = 0.2  # how often a waiting admission checks for its request's cancellation
@@ -66,6 +79,7 @@ class Sequence:
     # KV to write into `blocks` before the next step: the prompt's at admission, all it held after a preemption
     kv: torch.Tensor | None = None
     done: bool = False
+    finished: bool = False  # the step loop sent its finish reason: a step that ran ahead sends it nothing more
     # what the step loop produced: (token, finish reason), (None, ABORT), or an exception
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
 
@@ -86,10 +100,12 @@ class DecodeBatch:
         cancelled: Container[str],
         load: Load,
         cuda_graphs: bool = True,
+        run_ahead: bool = True,
     ) -> None:
-        """`cuda_graphs`: on a CUDA device, replay steps from graphs (`engine/cuda_graphs.py`)."""
+        """`cuda_graphs`: on a CUDA device, replay steps from graphs (`engine/cuda_graphs.py`); `run_ahead`: with
+        them, queue a steady step before the last one's tokens are read (the module's docstring)."""
         self.family, self.cache, self.max_seqs, self.eos, self.max_len = family, cache, max_seqs, eos, max_len
-        self.cancelled, self.load = cancelled, load
+        self.cancelled, self.load, self.run_ahead = cancelled, load, run_ahead
         self._graphs = None
         if cuda_graphs and family.device.type == "cuda":
             from epd.workers.engine.cuda_graphs import GraphedSteps
@@ -139,34 +155,103 @@ class DecodeBatch:
         seq.done = True
 
     async def _run(self) -> None:
+        pending: Launched | None = None  # a step on the device whose tokens are not delivered yet
+        live: list[Sequence] = []  # its sequences
         try:
-            while self.seqs or self.preempted:
+            while self.seqs or self.preempted or pending is not None:
                 for seq in self.seqs + self.preempted:
                     if not seq.done and seq.request_id in self.cancelled:
                         seq.out.put_nowait((None, FinishReason.ABORT))
-                        seq.done = True
+                        seq.done = seq.finished = True
+                if pending is not None:
+                    ahead = self._can_run_ahead(live)
+                    if ahead:
+                        metrics.BATCH_SIZE.labels("decode").observe(len(live))
+                    try:
+                        tokens, pending = await asyncio.to_thread(self._finish_and_launch, pending, live, ahead)
+                    except Exception as e:
+                        pending = None
+                        self._fail_step(live, e)
+                        continue
+                    self._deliver(live, tokens)
+                    # a finished sequence's blocks are free now, though the step in flight writes its row into them:
+                    # whatever reuses them is queued after that step on the same stream
+                    await self._release_done()
+                    continue
                 await self._release_done()
                 live = self._schedule()
                 if not live:  # (every one left was failed or cancelled: released next round)
                     continue
                 metrics.BATCH_SIZE.labels("decode").observe(len(live))
                 try:
+                    if self._graphs is not None and all(s.sampling.temperature < MIN_TEMPERATURE for s in live):
+                        pending = await asyncio.to_thread(self._launch, live)  # read on the next round
+                        continue
                     tokens = await asyncio.to_thread(self._step, live)
                 except Exception as e:  # e.g. out of device memory: these requests fail, the decoder serves on
-                    for seq in live:
-                        seq.out.put_nowait(e)
-                        seq.done = True
+                    self._fail_step(live, e)
                     continue
-                for seq, token in zip(live, tokens, strict=True):
-                    seq.generated += 1
-                    seq.last = token
-                    reason = finish_reason(
-                        token, seq.generated, seq.prompt_tokens + seq.generated, seq.sampling, self.eos, self.max_len
-                    )
-                    seq.out.put_nowait((token, reason))
-                    seq.done = seq.done or reason is not None
+                self._deliver(live, tokens)
         finally:
             self._runner = None
+
+    @staticmethod
+    def _fail_step(live: list[Sequence], e: Exception) -> None:
+        for seq in live:
+            if not seq.finished:
+                seq.out.put_nowait(e)
+            seq.done = True
+
+    def _deliver(self, live: list[Sequence], tokens: list[int]) -> None:
+        """Each sequence's new token and its finish check; a sequence finished by an earlier step gets nothing."""
+        for seq, token in zip(live, tokens, strict=True):
+            if seq.finished:
+                continue
+            seq.generated += 1
+            seq.last = token
+            reason = finish_reason(
+                token, seq.generated, seq.prompt_tokens + seq.generated, seq.sampling, self.eos, self.max_len
+            )
+            seq.out.put_nowait((token, reason))
+            seq.finished = reason is not None
+            seq.done = seq.done or seq.finished
+
+    def _can_run_ahead(self, live: list[Sequence]) -> bool:
+        """Whether the next step can be queued before `live`'s step in flight is read: the same batch (module
+        docstring). Takes each sequence's block for its token after next."""
+        if not self.run_ahead or self.preempted or self.seqs != live or any(s.done for s in live):
+            return False
+        if any(s.sampling.temperature >= MIN_TEMPERATURE for s in live):
+            return False
+        # the step in flight adds one token to each; the next writes the one after it
+        grown = all(self.cache.grow(s.blocks, s.length + 2) for s in live)
+        self._account()
+        return grown
+
+    def _launch(self, live: list[Sequence]) -> Launched:
+        """Queue one greedy step from the host's tokens (a worker thread)."""
+        self._write_pending_kv(live)
+        tokens, positions = [s.last for s in live], [s.length + s.rope_delta for s in live]
+        return self._graphs.launch(tokens, positions, [s.blocks for s in live], [s.length for s in live])
+
+    def _finish_and_launch(
+        self, pending: Launched, live: list[Sequence], ahead: bool
+    ) -> tuple[list[int], Launched | None]:
+        """`pending`'s tokens; with `ahead`, the next step of the same sequences is queued first, fed them on the
+        device (a worker thread: the wait for the device happens here)."""
+        following = None
+        if ahead:  # each sequence is one token further than the host has recorded
+            lengths = [s.length + 1 for s in live]
+            positions = [x + s.rope_delta for x, s in zip(lengths, live, strict=True)]
+            tables = [s.blocks for s in live]
+            following = self._graphs.launch([0] * len(live), positions, tables, lengths, feed=pending.greedy)
+        return pending.tokens(), following
+
+    def _write_pending_kv(self, live: list[Sequence]) -> None:
+        for seq in live:
+            if seq.kv is not None:
+                self.cache.write(seq.blocks, seq.kv)
+                seq.kv = None
 
     def _schedule(self) -> list[Sequence]:
         """The next step's sequences, each with the blocks for one more token (the module's policy)."""
@@ -204,10 +289,7 @@ class DecodeBatch:
 
     def _step(self, live: list[Sequence]) -> list[int]:
         """One forward for every live sequence, then each one's next token (in a worker thread)."""
-        for seq in live:
-            if seq.kv is not None:
-                self.cache.write(seq.blocks, seq.kv)
-                seq.kv = None
+        self._write_pending_kv(live)
         tokens, positions = [s.last for s in live], [s.length + s.rope_delta for s in live]
         tables, lengths = [s.blocks for s in live], [s.length for s in live]
         if self._graphs is not None:

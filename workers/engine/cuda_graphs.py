@@ -15,6 +15,12 @@ slots, lengths, tables) travel in one host-to-device copy into the graph's own b
 past the real batch are padding: length 0 (no attention), their new KV written into one
 scratch block that no sequence owns, their tokens dropped. Every graph draws its
 intermediates from one shared memory pool.
+
+A step can run ahead (`launch` with `feed`): its tokens are the previous step's greedy tokens,
+still on the device, copied into its inputs by the stream before it replays, so it is queued
+before the previous step's tokens reach the host. Each step's tokens come back through a
+non-blocking copy into pinned memory and an event (`Launched.tokens` waits for that step alone).
+Staging and read-back buffers alternate between two sets, since two steps can be in flight.
 """
 
 from __future__ import annotations
@@ -37,10 +43,25 @@ def bucket(n: int, cap: int | None = None) -> int:
 @dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
-    staged: torch.Tensor  # (4 * batch + batch * width,) int32, pinned host memory
+    staged: tuple[torch.Tensor, torch.Tensor]  # 2 x (4 * batch + batch * width,) int32, pinned host memory
     inputs: torch.Tensor  # the same on the device: tokens, positions, slots, lengths, then the tables
     logits: torch.Tensor  # (batch, vocab) float32
     greedy: torch.Tensor  # (batch,) int64
+
+
+@dataclass
+class Launched:
+    """One step queued on the device: its outputs (valid until its graph replays again) and their read-back."""
+
+    logits: torch.Tensor  # (n, vocab) float32, on the device
+    greedy: torch.Tensor  # (n,) int64, on the device
+    host: torch.Tensor  # (n,) int64, pinned: the greedy tokens once `done` has passed
+    done: torch.cuda.Event
+
+    def tokens(self) -> list[int]:
+        """The greedy tokens on the host: waits for this step (and those before it), not for later ones."""
+        self.done.synchronize()
+        return self.host.tolist()
 
 
 class GraphedSteps:
@@ -52,12 +73,27 @@ class GraphedSteps:
         self.scratch = scratch[0]
         self.graphs: dict[tuple[int, int], _Graph] = {}
         self.pool = torch.cuda.graph_pool_handle()
+        self.read_back = [torch.zeros(bucket(max_seqs), dtype=torch.int64).pin_memory() for _ in range(2)]
+        self.launches = 0  # which staging and read-back set the next launch uses
 
     def step(
         self, tokens: list[int], positions: list[int], tables: list[list[int]], lengths: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, vocab) logits and (n,) greedy tokens on the device: one step of these n sequences, as
         `Family.decode_step` computes it (`lengths`: tokens each holds; its blocks cover one more)."""
+        launched = self.launch(tokens, positions, tables, lengths)
+        return launched.logits, launched.greedy
+
+    def launch(
+        self,
+        tokens: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        lengths: list[int],
+        feed: torch.Tensor | None = None,
+    ) -> Launched:
+        """Queue one step; `feed` (n,) on the device, when given, replaces `tokens` (the previous step's greedy
+        tokens, in the same rows: the step runs ahead of the host reading them)."""
         n = len(tokens)
         g = self._graph(bucket(n, self.max_seqs), bucket(max(self.cache.blocks_for(x + 1) for x in lengths)))
         batch, width = g.logits.shape[0], (g.inputs.numel() - 4 * g.logits.shape[0]) // g.logits.shape[0]
@@ -72,10 +108,20 @@ class GraphedSteps:
             + [x + 1 for x in lengths] + [0] * pad
             + [b for row in rows for b in row]
         )  # fmt: skip
-        g.staged.copy_(torch.tensor(flat, dtype=torch.int32))
-        g.inputs.copy_(g.staged, non_blocking=True)  # one copy: pinned host -> device
+        # this set's last copy was queued two launches ago, before a step whose tokens were read since: done
+        which = self.launches % 2
+        self.launches += 1
+        staged = g.staged[which]
+        staged.copy_(torch.tensor(flat, dtype=torch.int32))
+        g.inputs.copy_(staged, non_blocking=True)  # one copy: pinned host -> device
+        if feed is not None:
+            g.inputs[:n].copy_(feed)  # on the stream: the previous step has written them by now
         g.graph.replay()
-        return g.logits[:n], g.greedy[:n]
+        host = self.read_back[which][:n]
+        host.copy_(g.greedy[:n], non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(g.logits[:n], g.greedy[:n], host, done)
 
     def _graph(self, batch: int, width: int) -> _Graph:
         if (batch, width) in self.graphs:
@@ -100,6 +146,6 @@ class GraphedSteps:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits, greedy = run()
-        staged = torch.zeros(inputs.shape, dtype=torch.int32).pin_memory()
+        staged = tuple(torch.zeros(inputs.shape, dtype=torch.int32).pin_memory() for _ in range(2))
         self.graphs[(batch, width)] = _Graph(graph, staged, inputs, logits, greedy)
         return self.graphs[(batch, width)]

@@ -4,7 +4,8 @@ A forward takes (tokens, hidden) embeddings and (3, tokens) M-RoPE positions; wh
 prefill or a decode step, and where keys and values go, is the step's `Context` (context.py).
 Per layer: RMSNorm -> fused QKV projection (with bias) -> M-RoPE -> attention -> o_proj ->
 residual -> RMSNorm -> fused gate_up -> SiLU(gate) * up -> down -> residual. Then the final
-norm. Each residual addition is done by the next norm (on CUDA one fused kernel, in place).
+norm. Each residual addition is done by the next norm (on CUDA one fused kernel, in place);
+on CUDA the M-RoPE turn of q and k and the cache writes of k and v are one kernel too.
 `logits` applies lm_head (tied to the embeddings when the config says so).
 
 Weights come from the Hugging Face checkpoint's tensors as they ship: `load_weight` puts q, k, v
@@ -85,10 +86,17 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         ctx, n = get_context(), x.shape[0]
         qkv = self.qkv_proj(x).view(n, self.heads + 2 * self.kv_heads, self.head_dim)
-        qk = rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q's and k's heads turned together
-        q, k = qk[:, : self.heads], qk[:, self.heads :]
+        cached = ctx.slot_mapping is not None  # then (tokens, kv_heads, head_dim) k and v go into the paged cache
+        kernels = triton_kernels() if x.is_cuda else None
+        if kernels is not None:  # the rotation and the cache writes in one kernel
+            caches = (ctx.k_cache[self.layer], ctx.v_cache[self.layer], ctx.slot_mapping) if cached else ()
+            kernels.rope_and_store(qkv, cos, sin, self.heads, self.kv_heads, *caches)  # q, k turned in place
+            q, k = qkv[:, : self.heads], qkv[:, self.heads : self.heads + self.kv_heads]
+        else:
+            qk = rotate(qkv[:, : self.heads + self.kv_heads], cos, sin)  # q's and k's heads turned together
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
         v = qkv[:, self.heads + self.kv_heads :]
-        if ctx.slot_mapping is not None:  # (tokens, kv_heads, head_dim) into the paged cache
+        if cached and kernels is None:
             store_kv(ctx.k_cache[self.layer], ctx.v_cache[self.layer], k, v, ctx.slot_mapping)
         if ctx.prefill:
             if ctx.slot_mapping is None:  # the prompt's KV leaves with the result (handoff, direct sink)

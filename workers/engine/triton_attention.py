@@ -11,6 +11,9 @@ Two operations, with the same signatures as the plain-torch versions in `attenti
 - `varlen_prefill`: causal attention over a flat batch of prompts laid end to end (`cu_seqlens`), a
   flash-attention forward: tiles of queries against tiles of keys with an online softmax, no padding.
 
+Beside them, fused kernels for the model's own layers: `fused_add_rmsnorm`, `silu_and_mul`, and
+`rope_and_store` (the rotary turn of q and k in place, and k and v into their cache slots).
+
 Layouts: q (batch, heads, dim); one layer's cache (num_blocks, block_tokens, kv_heads, dim), contiguous;
 block_tables (batch, max_blocks) int32; seq_lens (batch,) int32, the tokens to attend, the current one
 included. Softmax runs in float32 in base 2 (`exp2` on scores pre-multiplied by scale * log2 e).
@@ -608,3 +611,118 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
             gate_up, out, gate_up.stride(0), out.stride(0), inter, BLOCK=block, num_warps=4
         )
     return out
+
+
+@triton.jit
+def _rounded(x, dt: tl.constexpr):
+    """float32 x rounded to dt's precision (to nearest, ties to even), kept in float32: as a torch op on dt tensors
+    stores it. For bf16 by its bits: a plain .to(bf16).to(float32) round trip may be folded away by the compiler."""
+    if dt == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    elif dt == tl.float32:
+        return x
+    else:
+        return x.to(dt).to(tl.float32)
+
+
+@triton.jit
+def _rope_store_kernel(
+    qkv_ptr,
+    cos_ptr,
+    sin_ptr,
+    slot_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    stride_t,
+    stride_h,
+    stride_cs,
+    HEADS: tl.constexpr,
+    KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
+    ROT_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
+    STORE: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, ROT_PAD)  # the query heads, then the key heads: both turned
+    d = tl.arange(0, HALF)
+    rotated = h < HEADS + KV_HEADS
+    first = qkv_ptr + t * stride_t + h[:, None] * stride_h + d[None, :]  # (ROT_PAD, half)
+    x1 = tl.load(first, mask=rotated[:, None], other=0.0)
+    x2 = tl.load(first + HALF, mask=rotated[:, None], other=0.0)
+    c1 = tl.load(cos_ptr + t * stride_cs + d)[None, :].to(tl.float32)
+    c2 = tl.load(cos_ptr + t * stride_cs + HALF + d)[None, :].to(tl.float32)
+    s1 = tl.load(sin_ptr + t * stride_cs + d)[None, :].to(tl.float32)
+    s2 = tl.load(sin_ptr + t * stride_cs + HALF + d)[None, :].to(tl.float32)
+    dt = x1.dtype
+    a1, b1 = x1.to(tl.float32), x2.to(tl.float32)
+    # x * cos + rotate_half(x) * sin, each product and the sum rounded to the activations' dtype as the modules do
+    o1 = (_rounded(a1 * c1, dt) + _rounded(-b1 * s1, dt)).to(dt)
+    o2 = (_rounded(b1 * c2, dt) + _rounded(a1 * s2, dt)).to(dt)
+    tl.store(first, o1, mask=rotated[:, None])
+    tl.store(first + HALF, o2, mask=rotated[:, None])
+    if STORE:
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        row = slot * (KV_HEADS * HEAD_DIM)
+        kh = h - HEADS  # the key heads among the turned ones
+        is_k = rotated & (kh >= 0)
+        dst = row + kh[:, None] * HEAD_DIM + d[None, :]
+        tl.store(k_cache_ptr + dst, o1, mask=is_k[:, None])
+        tl.store(k_cache_ptr + dst + HALF, o2, mask=is_k[:, None])
+        vh = tl.arange(0, KV_PAD)
+        vmask = vh < KV_HEADS
+        full = tl.arange(0, HEAD_DIM)
+        v_rows = qkv_ptr + t * stride_t + (HEADS + KV_HEADS + vh)[:, None] * stride_h
+        v = tl.load(v_rows + full[None, :], mask=vmask[:, None])
+        tl.store(v_cache_ptr + row + vh[:, None] * HEAD_DIM + full[None, :], v, mask=vmask[:, None])
+
+
+def rope_and_store(
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    k_cache: torch.Tensor | None = None,
+    v_cache: torch.Tensor | None = None,
+    slots: torch.Tensor | None = None,
+) -> None:
+    """In one kernel: the rotary embeddings turn q's and k's heads of `qkv` (tokens, heads + 2 kv_heads, dim) in
+    place, and, given a cache, k and v go to their slots of one layer's cache (blocks, block_tokens, kv_heads, dim).
+    cos, sin (tokens, 1, dim) or (tokens, dim). Replaces the rotation's five elementwise kernels and two copies."""
+    tokens, rows, dim = qkv.shape
+    if rows != heads + 2 * kv_heads or qkv.stride(2) != 1 or dim & (dim - 1) or dim < 16:
+        raise ValueError(f"qkv {tuple(qkv.shape)}: need {heads} + 2 x {kv_heads} heads of contiguous 2^n dims")
+    cos, sin = cos.reshape(tokens, dim), sin.reshape(tokens, dim)
+    if cos.stride() != sin.stride() or cos.stride(1) != 1:
+        raise ValueError("cos and sin need the same contiguous rows")
+    store = slots is not None
+    if store and not (
+        k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.shape[-2:] == (kv_heads, dim)
+        and k_cache.dtype == qkv.dtype and slots.shape == (tokens,)
+    ):  # fmt: skip
+        raise ValueError(f"cache {tuple(k_cache.shape)} {k_cache.dtype} does not take qkv {tuple(qkv.shape)}")
+    if tokens == 0:
+        return
+    _rope_store_kernel[(tokens,)](
+        qkv,
+        cos,
+        sin,
+        slots if store else qkv,
+        k_cache if store else qkv,
+        v_cache if store else qkv,
+        qkv.stride(0),
+        qkv.stride(1),
+        cos.stride(0),
+        HEADS=heads,
+        KV_HEADS=kv_heads,
+        HEAD_DIM=dim,
+        HALF=dim // 2,
+        ROT_PAD=triton.next_power_of_2(heads + kv_heads),
+        KV_PAD=triton.next_power_of_2(kv_heads),
+        STORE=store,
+        num_warps=4,
+    )
