@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -36,6 +37,8 @@ from .replies import ReplyStream
 from .service import Gateway, new_request_id
 
 DEFAULT_MAX_TOKENS = 256
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -72,6 +75,13 @@ def create_app(settings: Settings) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(_: Request, e: ApiError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers())
+
+    @app.exception_handler(Exception)
+    async def unexpected_error(_: Request, e: Exception) -> JSONResponse:
+        # the last resort: a bug still answers in OpenAI's shape, never as a bare text 500
+        log.exception("unexpected error serving a request")
+        metrics.REQUESTS.labels("", "500").inc()
+        return JSONResponse(ApiError(500, f"{type(e).__name__}: {e}", "server_error").body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, e: RequestValidationError) -> JSONResponse:

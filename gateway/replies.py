@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
 
 import nats
-from epd.schemas.codec import Decoder, WireError
+from epd.schemas import subjects
+from epd.schemas.codec import Decoder, WireError, encode
+from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, Reply, TokenChunk
 
 from .errors import ApiError
 
 _decoder: Decoder[Reply] = Decoder(Reply)
+
+# Replies ride core NATS: what a worker publishes while the gateway is cut off from the server is gone.
+# A stream that lived through a reconnect goes on if its next chunk comes within this grace; otherwise it
+# ends in a retryable 503 rather than waiting out its deadline. (Its jobs are in JetStream and survive.)
+RECONNECT_GRACE_S = 3.0
+DISCONNECTED_LIMIT_S = 5.0  # cut off this long: a retryable 503, the request is not left hanging
+POLL_S = 0.5
 
 
 class ReplyStream:
@@ -36,6 +46,14 @@ class ReplyStream:
         self._sub = await self.nc.subscribe(self.inbox)
         return self
 
+    async def _abandon(self) -> None:
+        """Tell every stage to drop this request: its client is told to retry it."""
+        with contextlib.suppress(nats.errors.Error):
+            await self.nc.publish(subjects.CANCEL, encode(Cancel(request_id=self.request_id)))
+
+    def _reconnects(self) -> int:
+        return self.nc.stats.get("reconnects", 0)
+
     async def close(self) -> None:
         """Idempotent; the first call also runs `on_close` (the gateway's in-flight count)."""
         if self._on_close is not None:
@@ -50,14 +68,34 @@ class ReplyStream:
         deadline = time.monotonic() + self.timeout_s
         pending: dict[int, TokenChunk] = {}
         expected = 0
+        reconnects = self._reconnects()
+        suspect_since: float | None = None  # since a reconnect (or a disconnection) with no chunk after it
         while not self.finished:
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 raise ApiError(504, f"request {self.request_id} timed out after {self.timeout_s:.0f}s", "timeout_error")
+            if self._reconnects() != reconnects or not self.nc.is_connected:
+                reconnects, suspect_since = self._reconnects(), suspect_since or now
+            if suspect_since is not None:
+                limit = DISCONNECTED_LIMIT_S if not self.nc.is_connected else RECONNECT_GRACE_S
+                if now - suspect_since > limit:
+                    self.finished = True
+                    await self._abandon()
+                    raise ApiError(
+                        503,
+                        f"request {self.request_id}: the gateway lost its NATS connection while answering; retry",
+                        "server_error",
+                        code="nats_unavailable",
+                        retry_after_s=2,
+                    )
             try:
-                msg = await self._sub.next_msg(timeout=left)
+                msg = await self._sub.next_msg(timeout=min(left, POLL_S))
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 continue
+            except nats.errors.ConnectionClosedError:
+                self.finished = True
+                raise ApiError(503, "the gateway is shutting down; retry", "server_error", retry_after_s=2) from None
             try:
                 reply = _decoder.decode(msg.data)
             except WireError:
@@ -66,6 +104,8 @@ class ReplyStream:
                 self.finished = True
                 raise ApiError(reply.status, reply.message, reply.type)
             pending[reply.seq] = reply
+            if expected in pending:
+                suspect_since = None  # the stream goes on after the reconnect: nothing lost before this chunk
             while expected in pending:
                 c = pending.pop(expected)
                 expected += 1

@@ -10,7 +10,7 @@ import uuid
 import nats
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.keys import KeySpace
-from epd.connectors.mooncake_store import MooncakeStore
+from epd.connectors.mooncake_store import MooncakeStore, StoreError
 from epd.ops import metrics
 from epd.ops.config import TOPOLOGY_ROLES, Settings
 from epd.ops.tracing import extract_context, tracer
@@ -95,6 +95,17 @@ class PoolWatch:
             await asyncio.sleep(1.0)
 
 
+def dependency_down(name: str, why: str) -> ApiError:
+    """A retryable 503 that names what is away (a restart under a supervisor takes seconds)."""
+    return ApiError(
+        503,
+        f"{name} is unavailable ({why}); retry shortly",
+        "server_error",
+        code=f"{name}_unavailable",
+        retry_after_s=2,
+    )
+
+
 def new_request_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
@@ -122,7 +133,8 @@ class Gateway:
         return gw
 
     async def submit(self, req: Request) -> ReplyStream:
-        """Route a request whose replies this gateway reads (HTTP clients); fail fast when overloaded."""
+        """Route a request whose replies this gateway reads (HTTP clients); fail fast when overloaded,
+        and with a retryable 503 (never a bare 500) when NATS or the Mooncake master is away."""
         self.admit(req)
         req.request_id = req.request_id or new_request_id()
         self.inflight += 1
@@ -131,6 +143,12 @@ class Gateway:
             await replies.open()
             req.reply_to = replies.inbox
             await self.router.route(req)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:
+            await replies.close()
+            raise dependency_down("nats", f"{type(e).__name__}: {e}") from None
+        except StoreError as e:
+            await replies.close()
+            raise dependency_down("mooncake-master", str(e)) from None
         except BaseException:
             await replies.close()
             raise
@@ -138,6 +156,8 @@ class Gateway:
 
     def admit(self, req: Request) -> None:
         """429 over the in-flight limit; 503 when a stage it needs has had no live worker for the grace period."""
+        if not self.rt.nc.is_connected:  # (a publish now would wait out its timeout in the reconnect buffer)
+            raise dependency_down("nats", "not connected, reconnecting")
         if self.inflight >= self.settings.max_inflight:
             raise ApiError(
                 429,
@@ -162,15 +182,42 @@ class Gateway:
         `workers` counts every role of the topology (encoders too when prefill may encode inline).
         """
         roles, needed = TOPOLOGY_ROLES[self.settings.topology], self.settings.required_roles
+        mooncake = await self._mooncake_state()
+        down = [] if mooncake in ("connected", "unused") else ["mooncake-master"]
         if not self.rt.nc.is_connected:
-            return {"ready": False, "nats": "disconnected", "workers": dict.fromkeys(roles, 0)}
+            return {
+                "ready": False,
+                "down": ["nats", *down],
+                "nats": "disconnected",
+                "mooncake": mooncake,
+                "workers": dict.fromkeys(roles, 0),
+            }
         try:
             workers = await live_workers(self.rt.js)
         except (nats.errors.Error, asyncio.TimeoutError) as e:
-            return {"ready": False, "nats": f"error: {e}", "workers": dict.fromkeys(roles, 0)}
+            return {
+                "ready": False,
+                "down": ["nats", *down],
+                "nats": f"error: {e}",
+                "mooncake": mooncake,
+                "workers": dict.fromkeys(roles, 0),
+            }
         self.pool.observe(workers)  # ready means the router sees this pool too
         counts = {role: self.pool.size(role) for role in roles}
-        return {"ready": all(counts[r] for r in needed), "nats": "connected", "workers": counts}
+        down += [f"{r} workers" for r in needed if not counts[r]]
+        return {"ready": not down, "down": down, "nats": "connected", "mooncake": mooncake, "workers": counts}
+
+    async def _mooncake_state(self) -> str:
+        """Whether the Mooncake master accepts connections (its RPC port); 'unused' without a store."""
+        if self.store is None or not self.settings.mooncake_master:
+            return "unused"
+        host, _, port = self.settings.mooncake_master.rpartition(":")
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, int(port)), timeout=1.0)
+        except (OSError, ValueError, asyncio.TimeoutError) as e:
+            return f"unreachable: {e or type(e).__name__}"
+        writer.close()
+        return "connected"
 
     async def _on_nats_request(self, msg: nats.aio.msg.Msg) -> None:
         """NATS-native API: the client reads chunks on its own reply subject."""

@@ -184,6 +184,7 @@ def _status(args: argparse.Namespace) -> int:
 
     import nats
     from epd.ops.status_view import gather_status, render_status
+    from epd.ops.supervisor import read_state, render_processes
     from epd.ops.up import ENDPOINTS_FILE
     from epd.workers.runtime import nats_auth
 
@@ -197,17 +198,26 @@ def _status(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    supervised = read_state(args.workdir)  # what `epd up` restarted, when this is its workdir
     try:
         workers, queues = asyncio.run(gather_status(url, **nats_auth(Settings())))
     except (OSError, TimeoutError, nats.errors.Error) as e:
         print(f"epd status: cannot reach NATS at {url}: {e}", file=sys.stderr)
+        if supervised:
+            print(render_processes(supervised))
         return 1
     if args.json:
         import msgspec
 
-        print(json.dumps({"workers": msgspec.to_builtins(workers), "queues": queues}, indent=2))
+        out = {"workers": msgspec.to_builtins(workers), "queues": queues}
+        if supervised:
+            out["supervisor"] = supervised
+        print(json.dumps(out, indent=2))
     else:
         print(render_status(workers, queues))
+        if supervised:
+            print()
+            print(render_processes(supervised))
     return 0
 
 

@@ -62,9 +62,17 @@ class NatsServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         conf = self.workdir / "nats.conf"
         conf.write_text(self.config())
-        self.proc = spawn([find_binary("nats-server"), "-c", str(conf)], self.workdir / "nats.log")
+        self.launch()
         wait_until(self._healthy, timeout_s, "nats-server", self.proc)
         return self
+
+    def launch(self) -> subprocess.Popen:
+        """Start the server from the config `start` wrote, without waiting: the same port and store
+        directory, so a restart finds the streams, consumers and queued jobs where they were."""
+        self.proc = spawn(
+            [find_binary("nats-server"), "-c", str(self.workdir / "nats.conf")], self.workdir / "nats.log"
+        )
+        return self.proc
 
     def config(self) -> str:
         """nats-server's configuration file: listeners on `host` only, JetStream, and the cluster and security."""
@@ -125,9 +133,8 @@ class MooncakeMaster:
         self.rpc_port = self.rpc_port or free_port(self.host)
         self.metadata_port = self.metadata_port or free_port(self.host)
         self.metrics_port = self.metrics_port or free_port(self.host)
-        argv = master_argv(self.host, self.rpc_port, self.metadata_port, self.metrics_port, self.lease_ttl_ms)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc = spawn(argv, self.workdir / "mooncake_master.log", env=preload_env(self.host))
+        self.launch()
         wait_until(
             lambda: port_open(self.host, self.rpc_port) and port_open(self.host, self.metadata_port),
             timeout_s,
@@ -135,6 +142,12 @@ class MooncakeMaster:
             self.proc,
         )
         return self
+
+    def launch(self) -> subprocess.Popen:
+        """Start the master on the ports `start` chose, without waiting (a restart keeps its address)."""
+        argv = master_argv(self.host, self.rpc_port, self.metadata_port, self.metrics_port, self.lease_ttl_ms)
+        self.proc = spawn(argv, self.workdir / "mooncake_master.log", env=preload_env(self.host))
+        return self.proc
 
     def stop(self) -> None:
         if self.proc:

@@ -56,3 +56,7 @@ def serve_metrics(bind_host: str, port: int, reachable_host: str) -> str:
         return ""
     server, _ = start_http_server(port, addr=bind_host)
     return f"http://{reachable_host}:{server.server_port}/metrics"
+
+
+# -- `epd up`'s supervisor
+RESTARTS = Counter("epd_restarts", "Processes `epd up` started again after they exited", ["process", "kind"])

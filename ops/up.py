@@ -1,6 +1,11 @@
-"""`epd up`: NATS, Mooncake master, a gateway and the workers of a topology, on one machine.
+"""`epd up`: NATS, Mooncake master, a gateway and the workers of a topology, on one machine, supervised.
 
-Every child dies with this process (PR_SET_PDEATHSIG) and is stopped on exit or Ctrl-C.
+Every child dies with this process (PR_SET_PDEATHSIG) and is stopped on exit or Ctrl-C. A child that
+exits on its own (a crash, a kill -9, an out-of-memory kill) is started again after a backoff, and
+the others keep serving meanwhile: the NATS server on its port with its JetStream store (queued jobs
+survive it), the Mooncake master on its ports, a worker or the gateway with the same settings. The
+restarts are logged, counted in `epd_restarts_total` (the supervisor's own metrics endpoint) and
+written to `supervisor.json` in the workdir, which `epd status` shows.
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from pathlib import Path
 
 from epd.ops.config import TOPOLOGY_ROLES, Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
+from epd.ops.metrics import serve_metrics
 from epd.ops.nats_cluster import NatsCluster
 from epd.ops.processes import free_port, spawn, stop, wait_until
+from epd.ops.supervisor import STATE_FILE, Supervisor
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,7 @@ class Cluster:
     nats: NatsServer | NatsCluster | None = None
     master: MooncakeMaster | None = None
     procs: dict[str, subprocess.Popen] = field(default_factory=dict)
+    supervisor: Supervisor | None = None  # set by `supervise()`: children that exit are started again
 
     @classmethod
     def local(
@@ -89,7 +97,40 @@ class Cluster:
     def add_worker(self, role: str, index: int) -> subprocess.Popen:
         name = f"{role}-{index}"
         self.procs[name] = self._spawn(["worker", role], name)
+        if self.supervisor is not None:
+            self._watch(name, role)
         return self.procs[name]
+
+    def supervise(self, metrics: bool = True) -> Supervisor:
+        """From now on, restart any child that exits (call `self.supervisor.tick()` about once a second).
+
+        `metrics`: serve `epd_restarts_total` on a free port (its URL goes to the state file)."""
+        self.supervisor = sup = Supervisor(self.workdir / STATE_FILE)
+        servers = self.nats.nodes if isinstance(self.nats, NatsCluster) else [self.nats] if self.nats else []
+        for i, server in enumerate(servers):  # (each node of a NATS cluster on its own port and store)
+            self._watch_infra("nats" if len(servers) == 1 else f"nats-{i}", "nats", server)
+        if self.master is not None:
+            self._watch_infra("mooncake-master", "mooncake-master", self.master)
+        for name in self.procs:
+            self._watch(name, "gateway" if name == "gateway" else name.rsplit("-", 1)[0])
+        if metrics and self.settings.metrics_port >= 0:
+            sup.metrics_url = serve_metrics(self.settings.bind_host, 0, self.settings.reachable_host)
+        sup.write()
+        return sup
+
+    def _watch_infra(self, name: str, kind: str, infra: NatsServer | MooncakeMaster) -> None:
+        assert self.supervisor is not None
+        self.supervisor.watch(name, kind, lambda: infra.proc, infra.launch)
+
+    def _watch(self, name: str, kind: str) -> None:
+        assert self.supervisor is not None
+        args = ["gateway"] if name == "gateway" else ["worker", kind]
+
+        def restart() -> subprocess.Popen:
+            self.procs[name] = self._spawn(args, name)
+            return self.procs[name]
+
+        self.supervisor.watch(name, kind, lambda: self.procs.get(name), restart)
 
     @property
     def cli_argv(self) -> list[str]:
@@ -126,6 +167,7 @@ class Cluster:
         return [n for n, p in self.procs.items() if p.poll() is not None]
 
     def stop(self) -> None:
+        self.supervisor = None  # nothing is started again from here on
         stop(list(self.procs.values()))
         self.procs.clear()
         try:  # only ours: another `epd up` may have taken the workdir since
@@ -145,12 +187,12 @@ def run_up(settings: Settings, workdir: Path, counts: dict[str, int]) -> int:
         signal.signal(sig, lambda *_: done.set())
     try:
         cluster.start(counts)
+        supervisor = cluster.supervise()
         print(f"epd up: {settings.topology} serving {settings.model_name!r} at {cluster.base_url}/v1", flush=True)
         print(f"  logs in {workdir / 'logs'}, traces in {settings.trace_dir}; Ctrl-C stops everything", flush=True)
-        while not done.wait(1.0):
-            if dead := cluster.dead():
-                print(f"epd up: {', '.join(dead)} exited; stopping (see {workdir / 'logs'})", file=sys.stderr)
-                return 1
+        print(f"  a process that exits is started again; restarts: `epd status`, {supervisor.metrics_url}", flush=True)
+        while not done.wait(0.5):
+            supervisor.tick()  # (it logs each exit and restart)
         return 0
     finally:
         cluster.stop()

@@ -5,8 +5,11 @@ from __future__ import annotations
 import base64
 import http.server
 import io
+import os
+import sys
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,7 @@ import httpx
 import pytest
 from epd.ops.config import Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
+from epd.ops.processes import free_port, spawn, stop, wait_until
 from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
@@ -63,6 +67,24 @@ def start_cluster(
 ) -> Cluster:
     """A topology with its own NATS server and Mooncake master, as `epd up` starts it."""
     return Cluster.local(tiny_model, workdir, topology, counts, mooncake_segment_mb=32, **settings_)
+
+
+@contextmanager
+def epd_up(model: Path, workdir: Path, topology: str, *flags: str, **env: str) -> Iterator[str]:
+    """The real CLI, `epd up --topology TOPOLOGY FLAGS...`, until the block ends; yields its base URL."""
+    port = free_port()
+    argv = [sys.executable, "-m", "epd.ops.cli", "up", "--topology", topology, "--model", str(model)]
+    argv += ["--port", str(port), "--workdir", str(workdir), *flags]
+    log = workdir / "up.log"
+    proc = spawn(argv, log, env={**os.environ, "EPD_MOONCAKE_SEGMENT_MB": "32", **env})
+    try:
+        try:
+            wait_until(lambda: "serving" in log.read_text(), 240, f"epd up {topology} {' '.join(flags)}", proc)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e}: {log.read_text()[-2000:]}") from None
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop([proc])
 
 
 @pytest.fixture(scope="session", params=["epd", "e-pd", "e-p-d"])

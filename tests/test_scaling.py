@@ -7,23 +7,19 @@ holding every prefill slot do not hold them up.
 
 import asyncio
 import json
-import os
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 import nats
 import pytest
 from epd.connectors.keys import KeySpace
-from epd.ops.processes import free_port, spawn, stop, wait_until
 from epd.ops.status_view import gather_status
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.schemas import subjects
 
-from .conftest import chat_body, png_bytes
+from .conftest import chat_body, epd_up, png_bytes
 from .oracle import reference
 
 pytestmark = pytest.mark.e2e
@@ -50,24 +46,6 @@ class Up:
                 break
             await asyncio.sleep(0.2)
         return found
-
-
-@contextmanager
-def epd_up(model: Path, workdir: Path, topology: str, *flags: str, **env: str) -> Iterator[str]:
-    """The real CLI, `epd up --topology TOPOLOGY FLAGS...`, until the block ends; yields its base URL."""
-    port = free_port()
-    argv = [sys.executable, "-m", "epd.ops.cli", "up", "--topology", topology, "--model", str(model)]
-    argv += ["--port", str(port), "--workdir", str(workdir), *flags]
-    log = workdir / "up.log"
-    proc = spawn(argv, log, env={**os.environ, "EPD_MOONCAKE_SEGMENT_MB": "32", **env})
-    try:
-        try:
-            wait_until(lambda: "serving" in log.read_text(), 240, f"epd up {topology} {' '.join(flags)}", proc)
-        except (RuntimeError, TimeoutError) as e:
-            raise RuntimeError(f"{e}: {log.read_text()[-2000:]}") from None
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop([proc])
 
 
 @pytest.fixture(scope="module")
