@@ -3,8 +3,8 @@
 Invariants every backend keeps:
 - `exists` is the scheduler-side query; it never loads bytes.
 - `save` then `load` of a key returns the same tensor and grid, bit for bit.
-- A missing or evicted key is a miss (`load` returns None), never an error; the
-  caller re-encodes.
+- A missing, evicted or damaged key is a miss (`load` returns None), never an
+  error; the caller re-encodes, and its save overwrites a damaged entry.
 - `save_many` and `load_many` do what that many `save`s and `load`s do.
 """
 

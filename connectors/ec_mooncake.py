@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from epd.connectors.ec import ECConnector, entry_parts, unpack_entry
 from epd.connectors.mooncake_store import MooncakeStore
+from epd.connectors.tensors import TensorIntegrityError
 from epd.schemas.common import ImageEmbedding
 
 KEY_PREFIX = "epd/ec/"
+
+log = logging.getLogger(__name__)
 
 
 class MooncakeECConnector(ECConnector):
@@ -34,4 +39,13 @@ class MooncakeECConnector(ECConnector):
     async def load_many(self, keys: list[str]) -> list[tuple[torch.Tensor, list[int]] | None]:
         """One batched read into the store's registered buffer."""
         values = await self._store.get_many([KEY_PREFIX + k for k in keys])
-        return [None if v is None else unpack_entry(v, self.verify) for v in values]
+        return [None if v is None else self._unpack(k, v) for k, v in zip(keys, values, strict=True)]
+
+    def _unpack(self, key: str, value: bytearray) -> tuple[torch.Tensor, list[int]] | None:
+        """A damaged entry is a miss: the image is encoded again and the fresh entry overwrites this one
+        (not removed here: a reader's lease may refuse the remove, and the upsert replaces it anyway)."""
+        try:
+            return unpack_entry(value, self.verify)
+        except TensorIntegrityError as e:
+            log.warning("encoder-cache entry %s is damaged (%s): a miss, encoded again", key, e)
+            return None

@@ -5,13 +5,14 @@ in compose. Writes are atomic (a temporary file in the same directory, then a re
 so a reader sees a whole entry or none. The directory is bounded: after each save the
 least recently used files go until the total fits `capacity_bytes`; a load marks its
 file used. A file that vanished between `exists` and `load` (evicted by another
-worker) is a miss.
+worker) is a miss; so is a damaged one (unreadable, or its checksum does not match), which goes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import re
 import uuid
@@ -19,13 +20,14 @@ from pathlib import Path
 
 import torch
 from epd.connectors.ec import ECConnector
-from epd.connectors.tensors import TensorIntegrityError, checksum, handle_for, to_bytes
+from epd.connectors.tensors import checksum, handle_for, to_bytes
 from epd.schemas.common import ImageEmbedding
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
 SUFFIX = ".safetensors"
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+$")
+log = logging.getLogger(__name__)
 
 
 class SharedDirECConnector(ECConnector):
@@ -87,10 +89,15 @@ class SharedDirECConnector(ECConnector):
             grid, expected = json.loads(metadata["grid_thw"]), int(metadata["xxh3_64"])
             embedding = load(data)["embedding"]
         except (SafetensorError, ValueError, KeyError) as e:
-            raise TensorIntegrityError(f"{path.name}: not a valid encoder-cache entry: {e!r}") from None
+            return self._damaged(path, f"not a valid encoder-cache entry: {e!r}")
         if self.verify and checksum(to_bytes(embedding)) != expected:
-            raise TensorIntegrityError(f"{path.name}: checksum mismatch")
+            return self._damaged(path, "checksum mismatch")
         return embedding, grid
+
+    def _damaged(self, path: Path, why: str) -> None:
+        """A damaged entry is a miss, and goes: the image is encoded again into a whole new file."""
+        log.warning("encoder-cache entry %s is damaged (%s): removed, a miss", path.name, why)
+        path.unlink(missing_ok=True)
 
     def _evict(self, keep: Path) -> None:
         """Remove least recently used files until the directory fits; never the entry just written."""

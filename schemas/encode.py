@@ -12,6 +12,9 @@ class EncodeJob(Struct, tag="epd.encode_job.v1"):
     missing: list[int]  # indexes into `keys` that the encoder must compute
     pending: list[int] = []  # indexes another request is encoding right now: prefill waits for them
     handoff: bool = True  # False: one of several parts of the request encoded in parallel; save, hand nothing over
+    # True: encode `missing` even where the cache says the key exists (its entry was found damaged or gone
+    # on load, and a Mooncake lease may refuse to remove it): the fresh entry overwrites it
+    again: bool = False
 
 
 class EmbeddingReady(Struct, tag="epd.embedding_ready.v1"):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from epd.connectors.ec import entry_parts
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import KEY_PREFIX, MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
@@ -103,6 +104,22 @@ async def test_ec_an_entry_that_vanished_is_a_miss(ec, store: MooncakeStore) -> 
     assert await ec.load(key) is None
 
 
+async def test_mooncake_a_damaged_entry_is_a_miss(store: MooncakeStore) -> None:
+    ec = MooncakeECConnector(store)
+    key = unique("damaged")
+    emb = torch.randn(12, 64, dtype=torch.bfloat16)
+    await ec.save(key, emb, [1, 6, 8])
+    header, flat, _ = entry_parts(key, emb, [1, 6, 8])
+    flipped = bytearray(flat.numpy().tobytes())
+    flipped[-1] ^= 0xFF
+    await store.upsert(KEY_PREFIX + key, header + bytes(flipped))
+    assert await ec.load_many([key]) == [None]  # a miss, never an error: the image is encoded again
+    await store.upsert(KEY_PREFIX + key, b"\x00\x00")  # not even a header
+    assert await ec.load(key) is None
+    await ec.save(key, emb, [1, 6, 8])  # the encoder's save replaces it
+    assert torch.equal((await ec.load(key))[0], emb)
+
+
 @pytest.mark.parametrize("bounded", ["memory", "shared-dir"])
 async def test_ec_a_full_cache_evicts_the_least_recently_used(bounded: str, tmp_path: Path) -> None:
     ec = (
@@ -145,10 +162,12 @@ async def test_shared_dir_writes_whole_entries_and_checks_them(tmp_path: Path) -
     data = bytearray(ec.path("k").read_bytes())
     data[-1] ^= 0xFF  # one bit of the tensor's bytes
     ec.path("k").write_bytes(bytes(data))
-    with pytest.raises(TensorIntegrityError, match="checksum"):
-        await ec.load("k")
     lax = SharedDirECConnector(tmp_path / "ec", 1 << 30, verify=False)
     assert (await lax.load("k")) is not None  # EPD_VERIFY_CHECKSUMS=off reads it as it is
+    assert await ec.load("k") is None  # damaged: a miss, never an error; and it goes, to be encoded anew
+    assert await ec.exists(["k"]) == [False]
+    ec.path("k").write_bytes(b"not a safetensors file")
+    assert await ec.load("k") is None and await ec.exists(["k"]) == [False]
     with pytest.raises(ValueError, match="plain file name"):
         ec.path("../escape")
     # an entry from before checksums were XXH3-64 is a miss, and goes: the encoder writes it anew
@@ -240,6 +259,45 @@ async def test_e_p_d_on_a_shared_directory_cache_gives_generates_tokens(tiny_mod
             r = await post(cluster, chat_body("What color is the shape?", image))
             assert r.status_code == 200, r.text
             assert r.json()["choices"][0]["message"]["content"] == expected
-        assert len(list(shared.glob("*.safetensors"))) == 1  # one entry, written by the encoder
+        [entry] = list(shared.glob("*.safetensors"))  # one entry, written by the encoder
+        data = bytearray(entry.read_bytes())
+        for i in range(1, 9):  # bytes flipped in the tensor: a miss, encoded again, never an error
+            data[-i] ^= 0x5A
+        entry.write_bytes(bytes(data))
+        r = await post(cluster, chat_body("What color is the shape?", image))
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["content"] == expected
+        assert entry.read_bytes() != bytes(data)  # written anew
     finally:
+        cluster.stop()
+
+
+@pytest.mark.e2e
+async def test_e_p_d_a_damaged_mooncake_entry_is_encoded_again(tiny_model: Path, tmp_path: Path) -> None:
+    """The damaged entry stays in the store (the router sees it exist, so the request skips the encoders):
+    prefill finds it unusable and sends the image to an encoder to be encoded anyway, overwriting it."""
+    from epd.connectors.keys import KeySpace
+
+    from .conftest import MAX_NEW, chat_body, png_bytes, post, start_cluster
+    from .oracle import reference
+
+    cluster = start_cluster(tiny_model, tmp_path / "c", "e-p-d")
+    store = MooncakeStore(cluster.settings, segment_mb=0)
+    try:
+        image = png_bytes(size=(80, 64), color=(20, 200, 220), shape="circle")
+        _, expected = reference(tiny_model, "What color is the shape?", image, MAX_NEW)
+        r = await post(cluster, chat_body("What color is the shape?", image))
+        assert r.json()["choices"][0]["message"]["content"] == expected
+        key = KEY_PREFIX + KeySpace.for_checkpoint(tiny_model).key(image)
+        for garbage in (b"\x07" * 64, None):  # a damaged value, then one with a flipped tensor byte
+            value = await store.get(key)
+            assert value is not None
+            if garbage is None:
+                value[-1] ^= 0xFF
+            await store.upsert(key, bytes(value) if garbage is None else garbage)
+            r = await post(cluster, chat_body("What color is the shape?", image))
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == expected
+    finally:
+        store.close()
         cluster.stop()

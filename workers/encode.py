@@ -42,8 +42,9 @@ class ImageEncoder:
     async def encode(self, job: EncodeJob) -> list[ImageEmbedding]:
         """Encode `job.missing` and save each; refs for every image of the request."""
         refs = [ImageEmbedding(key=k) for k in job.keys]
-        # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent.
-        present = await self.ec.exists([job.keys[i] for i in job.missing])
+        # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent
+        # (unless prefill found those entries unusable: then they exist, damaged, and must be written anew).
+        present = [False] * len(job.missing) if job.again else await self.ec.exists([job.keys[i] for i in job.missing])
         missing = [i for i, there in zip(job.missing, present, strict=True) if not there]
         first: dict[str, int] = {}  # key -> its first image in this request: one encode per key
         for i in missing:
@@ -127,10 +128,12 @@ class EncodeStage:
         if not job.handoff:  # the request's lead part hands over; prefill waits for this part in the cache
             return
         req = job.request
+        # sent back by prefill (`again`), the request's first prefill message already has "prefill" as its
+        # de-duplication id: this one must not be dropped as its duplicate
         await self.rt.publish(
             subjects.PREFILL,
             EmbeddingReady(request=req, images=refs, pending=job.pending),
             req.request_id,
             req.reply_to,
-            "prefill",
+            "prefill-again" if job.again else "prefill",
         )

@@ -169,7 +169,8 @@ class PrefillStage:
             missing = await self._wait_for(refs, loaded, missing, job.pending)
         if not missing:
             return loaded  # type: ignore[return-value]
-        encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing)  # no more waiting
+        # no more waiting; `again`: what the cache holds for these keys (if anything) is not usable, overwrite it
+        encode_job = EncodeJob(request=job.request, keys=[r.key for r in refs], missing=missing, again=True)
         fallback = self.rt.settings.inline_encode and (getattr(job, "encode_inline", False) or job.pending)
         if self.inline_encode or fallback:  # (the pending encode elsewhere timed out, or no encoder is alive)
             refs = await self.encoder.encode(encode_job)
