@@ -46,6 +46,10 @@ DIRECT_PREFIX = "direct/"
 RESERVE_TIMEOUT_S = 1.0  # how long prefill waits for a decoder's grant before taking the store path
 GRANT_MARGIN_S = 1.0  # prefill neither writes nor publishes KV into a grant this close to its expiry
 DRAIN_S = 10.0  # how long prefill waits for its writes to land
+# A request granted room again (its prefill worker died and JetStream redelivered the job to another) has
+# its earlier grant freed this soon: not at once, since the dead worker may have published its KV-ready
+# message just before it died, and this decoder may still be about to load it.
+REGRANT_GRACE_S = 5.0
 
 
 class KVLanding:
@@ -55,6 +59,7 @@ class KVLanding:
         """`load`: the worker's heartbeat figures, kept up to date with the grants."""
         self.link, self.ttl_s, self.verify, self.load = link, ttl_s, verify, load
         self._grants: dict[str, tuple[int, int, float]] = {}  # grant id -> (offset, nbytes, expires at)
+        self._by_request: dict[str, str] = {}  # request id -> its latest grant id
         self._lock = threading.Lock()
         self._decoder = Decoder(KVReserve | KVRelease)
 
@@ -69,8 +74,14 @@ class KVLanding:
         if offset is None:
             return KVGrant(granted=False, reason=f"no room for {request.nbytes} bytes (EPD_KV_BUFFER_MB)")
         grant_id = uuid.uuid4().hex
+        now = time.monotonic()
         with self._lock:
-            self._grants[grant_id] = (offset, request.nbytes, time.monotonic() + self.ttl_s)
+            self._grants[grant_id] = (offset, request.nbytes, now + self.ttl_s)
+            earlier = self._by_request.get(request.request_id)
+            self._by_request[request.request_id] = grant_id
+            if earlier in self._grants:  # its first prefill worker died: that grant goes soon, not at its TTL
+                at, nbytes, expires = self._grants[earlier]
+                self._grants[earlier] = (at, nbytes, min(expires, now + REGRANT_GRACE_S))
         if self.load is not None:
             self.load.kv_grants += 1
         self._account()
@@ -85,6 +96,7 @@ class KVLanding:
     def release(self, grant_id: str) -> None:
         with self._lock:
             grant = self._grants.pop(grant_id, None)
+            self._by_request = {r: g for r, g in self._by_request.items() if g != grant_id}
         if grant is not None:
             self.link.arena.free(grant[0])
             self._account()

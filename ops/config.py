@@ -88,7 +88,9 @@ class Settings:
     device: str = setting("EPD_DEVICE", "cpu", "cpu, cuda:N or npu:N", flag=True)
     dtype: str = setting("EPD_DTYPE", "float32", "weights dtype", flag=True, choices=DTYPES)
     request_timeout_s: float = setting("EPD_REQUEST_TIMEOUT_S", 300.0, "HTTP request deadline (504 after)")
-    ack_wait_s: float = setting("EPD_ACK_WAIT_S", 30.0, "JetStream redelivery wait")
+    ack_wait_s: float = setting(
+        "EPD_ACK_WAIT_S", 5.0, "JetStream redelivery wait: a job whose worker died goes to another after it"
+    )
     max_deliver: int = setting("EPD_MAX_DELIVER", 3, "deliveries of a job at most")
     trace_dir: str = setting("EPD_TRACE_DIR", "", "write spans as JSON lines here", flag=True)
     api_keys: str = setting("EPD_API_KEYS", "", "comma-separated API keys (empty: no auth)")

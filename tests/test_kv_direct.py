@@ -203,3 +203,23 @@ async def test_e_p_d_over_the_direct_path_matches_generate(buffer_mb: float, tin
             assert [s["attributes"]["epd.path"] for s in sent] == ["direct" if buffer_mb > 1 else "store"]
     finally:
         cluster.stop()
+
+
+async def test_a_request_granted_again_frees_its_earlier_grant_soon(
+    infra_settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its first prefill worker died holding a grant; JetStream gave the job to another, which asks again:
+    the dead one's room is freed after a short grace (here none), not at the grant's TTL."""
+    from epd.connectors import kv_direct
+    from epd.schemas.decode import KVReserve
+
+    monkeypatch.setattr(kv_direct, "REGRANT_GRACE_S", 0.0)
+    landing = KVLanding(TransferLink(infra_settings, 1), ttl_s=30)
+    first = landing.reserve(KVReserve(request_id="r", nbytes=1000))
+    other = landing.reserve(KVReserve(request_id="s", nbytes=1000))
+    again = landing.reserve(KVReserve(request_id="r", nbytes=1000))
+    assert first.granted and other.granted and again.granted
+    assert landing.expire() == 1 and landing.granted_bytes == 2000
+    landing.release(again.grant_id)
+    landing.release(other.grant_id)
+    assert landing.granted_bytes == 0 and landing.expire() == 0

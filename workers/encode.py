@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
+import nats
 from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageMissing, ImageStore
 from epd.ops import metrics
@@ -17,7 +19,10 @@ from epd.workers.errors import RequestFailed
 from epd.workers.images import BadImage, open_image
 from epd.workers.micro_batch import MicroBatcher
 from epd.workers.runtime import Runtime
+from nats.js.kv import KeyValue
 from PIL import Image
+
+log = logging.getLogger(__name__)
 
 
 class ImageEncoder:
@@ -122,9 +127,15 @@ class EncodeStage:
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
         images = ImageStore(rt.js, rt.settings.image_ttl_s)
         self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images, rt.landed)
+        self._claims: KeyValue | None = None
 
     async def handle(self, job: EncodeJob) -> None:
-        refs = await self.encoder.encode(job)
+        try:
+            refs = await self.encoder.encode(job)
+        finally:
+            # saved (the cache answers for them now) or failed (the next request must not wait on a claim for an
+            # encode that is not coming): either way the router's in-flight claims on these images are done
+            await self._release_claims([job.keys[i] for i in job.missing])
         if not job.handoff:  # the request's lead part hands over; prefill waits for this part in the cache
             return
         req = job.request
@@ -137,3 +148,12 @@ class EncodeStage:
             req.reply_to,
             "prefill-again" if job.again else "prefill",
         )
+
+    async def _release_claims(self, keys: list[str]) -> None:
+        try:
+            if self._claims is None:
+                self._claims = await self.rt.js.key_value(subjects.ENCODING_BUCKET)
+            for key in dict.fromkeys(keys):
+                await self._claims.delete(key)
+        except (nats.errors.Error, asyncio.TimeoutError) as e:  # no bucket (no router claimed), or NATS away: TTL
+            log.debug("encode claims not released (their TTL will): %s", e)

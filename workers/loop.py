@@ -4,7 +4,9 @@
 2. run each in its own task, telling JetStream `in_progress` while it works;
 3. ack once the stage's output is published, or answer the client with an error and ack.
 
-A message that crashes its process is redelivered after `ack_wait`, up to `max_deliver` times.
+A message that crashes its process is redelivered after `ack_wait`, up to `max_deliver` times. A worker
+tells JetStream `in_progress` KEEPALIVES times per ack wait while it works, so the ack wait can be short
+(`EPD_ACK_WAIT_S`, 5 s): a job whose worker died goes to another within seconds, however long jobs run.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from opentelemetry.context import Context
 from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 log = logging.getLogger(__name__)
+
+KEEPALIVES = 5  # in_progress signals per ack wait: a few may be late (a busy event loop) before a redelivery
 
 
 class Stage(Protocol):
@@ -170,8 +174,11 @@ class StageLoop:
 
     async def _keep_alive(self, msg: nats.aio.msg.Msg) -> None:
         while True:
-            await asyncio.sleep(self.rt.settings.ack_wait_s / 3)
-            await msg.in_progress()
+            await asyncio.sleep(self.rt.settings.ack_wait_s / KEEPALIVES)
+            try:
+                await msg.in_progress()
+            except nats.errors.Error as e:  # NATS away for a moment: the next one may pass
+                log.debug("in_progress failed: %s", e)
 
     async def _fail(
         self, span: trace.Span, request_id: str, reply_to: str, status: int, message: str, type_: str
