@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 
+import msgspec
 import nats
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.keys import KeySpace
@@ -138,7 +139,13 @@ class Gateway:
         self.admit(req)
         req.request_id = req.request_id or new_request_id()
         self.inflight += 1
-        replies = ReplyStream(self.rt.nc, req.request_id, self.settings.request_timeout_s, on_close=self._release)
+        replies = ReplyStream(
+            self.rt.nc,
+            req.request_id,
+            self.settings.request_timeout_s,
+            on_close=self._release,
+            resumer=lambda attempt, tokens, n: self._resume(req, attempt, tokens, n),
+        )
         try:
             await replies.open()
             req.reply_to = replies.inbox
@@ -169,6 +176,23 @@ class Gateway:
         gone = [r for r in self.pool.missing_roles() if r in required and (r != "encode" or req.images())]
         if gone:
             raise ApiError(503, f"no live {', '.join(gone)} worker; retry shortly", "server_error", retry_after_s=5)
+
+    async def _resume(self, req: Request, attempt: str, tokens: list[int], n: int) -> str | None:
+        """Send request `req` again as a continuation after `tokens` (its client has them), as attempt `n`;
+        the attempt given up on is cancelled wherever it still runs. None: nothing is left to generate."""
+        left = req.sampling.max_tokens - len(tokens)
+        if left < 1:
+            return None
+        cont = msgspec.structs.replace(
+            req,
+            request_id=f"{req.request_id}-r{n}",
+            resume_tokens=list(req.resume_tokens) + tokens,
+            sampling=msgspec.structs.replace(req.sampling, max_tokens=left),
+        )
+        await self.cancel(attempt)
+        await self.router.route(cont)
+        metrics.RESUMES.inc()
+        return cont.request_id
 
     def _release(self) -> None:
         self.inflight -= 1

@@ -23,6 +23,9 @@ TPOT = Histogram(
 )
 E2E = Histogram("epd_e2e_request_latency_seconds", "Request arrival to last token", ["model"], buckets=_LATENCY)
 PROMPT_TOKENS = Counter("epd_prompt_tokens", "Prompt tokens of finished requests", ["model"])
+RESUMES = Counter(
+    "epd_resumed_requests", "Requests the gateway continued from their tokens so far (a decoder or NATS lost them)"
+)
 GENERATION_TOKENS = Counter("epd_generation_tokens", "Tokens generated for finished requests", ["model"])
 
 # -- every stage

@@ -14,6 +14,7 @@ class KVReady(Struct, tag="epd.kv_ready.v1"):
     first_token: int  # already sent to the client as chunk 0
     rope_delta: int  # M-RoPE: decode position = text position + rope_delta
     kv: TensorHandle  # (layers, 2, kv_heads, prompt_tokens, head_dim), one contiguous block
+    resume_tokens: list[int] = []  # a continuation's earlier tokens (counted in prompt_tokens): text goes on after them
 
 
 class KVReserve(Struct, tag="epd.kv_reserve.v1"):

@@ -27,6 +27,9 @@ class ErrorReply(Struct, tag="epd.error.v1"):
     message: str
     type: str = "server_error"
     seq: int = -1
+    # the request can go on from the tokens its client already has, as a continuation (Request.resume_tokens):
+    # its decoder died and took the KV with it. The gateway does so; a NATS client may, or retry it whole.
+    resumable: bool = False
 
 
 Reply = TokenChunk | ErrorReply

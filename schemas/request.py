@@ -18,6 +18,10 @@ class Request(Struct, tag="epd.request.v1"):
     reply_to: str = ""  # set by the gateway from the NATS reply subject or its own inbox
     stream: bool = True
     prompt: str | None = None  # a raw prompt (completions API): tokenized as is, no chat template, no messages
+    # A continuation: tokens this request already generated (and its client already has), prefilled after the
+    # prompt so that generation goes on from them; `sampling.max_tokens` counts what is left. The gateway sends
+    # one when the decoder serving the request died, under a new request id, to the same reply subject.
+    resume_tokens: list[int] = []
 
     def images(self) -> list[ImagePart]:
         return [p for m in self.messages for p in m.content if isinstance(p, ImagePart)]

@@ -4,6 +4,7 @@ ack wait kept alive by `in_progress`, not a 30 s stall), and every answer still 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -55,5 +56,61 @@ async def test_a_prefill_worker_killed_mid_burst_loses_nothing_and_stalls_nothin
         # The killed worker's jobs went to the other one within the ack wait (5 s): far below the old 30 s stall
         # (the whole burst, on two cores, takes a few seconds more than that)
         assert finished - killed_at < STALL_S / 2, (finished - killed_at, killed_at - started)
+    finally:
+        cluster.stop()
+
+
+async def _stream(http: httpx.AsyncClient, body: dict) -> tuple[str, list[dict]]:
+    """The streamed answer's text and every event it carried."""
+    events, text = [], ""
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                events.append(event)
+                text += event["choices"][0]["delta"].get("content") or "" if event["choices"] else ""
+    return text, events
+
+
+async def test_a_decoder_killed_mid_stream_hands_its_requests_on_losing_and_repeating_nothing(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Its requests go on at the other decoder from the tokens their clients already have (prefilled again
+    as a continuation): the streamed text is generate's, no token shown twice or skipped, usage whole."""
+    cluster = start_cluster(tiny_model, tmp_path, "e-p-d", {"decode": 2})
+    try:
+        n, max_tokens = 4, 120
+        questions, expected = [], []
+        for i in range(40):  # questions whose answers run the whole length: long streams to cut
+            q = f"Tell me a long story about {i} dogs."
+            ids, text = reference(tiny_model, q, None, max_tokens)
+            if len(ids) == max_tokens:
+                questions.append(q)
+                expected.append((ids, text))
+            if len(questions) == n:
+                break
+        bodies = [
+            {**chat_body(q), "max_tokens": max_tokens, "stream": True, "stream_options": {"include_usage": True}}
+            for q in questions
+        ]
+        victim = cluster.procs["decode-0"]
+        async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as http:
+            streams = [asyncio.create_task(_stream(http, b)) for b in bodies]
+            for _ in range(300):  # kill it while it streams
+                if await _busy(cluster.settings.nats_url, victim.pid):
+                    break
+                await asyncio.sleep(0.02)
+            else:
+                pytest.fail("decode-0 never took a request")
+            os.kill(victim.pid, signal.SIGKILL)
+            answers = await asyncio.gather(*streams)
+            metrics = (await http.get("/metrics")).text
+        for (text, events), (ids, want) in zip(answers, expected, strict=True):
+            assert text == want
+            assert events[-1]["usage"]["completion_tokens"] == len(ids)
+        resumed = [ln for ln in metrics.splitlines() if ln.startswith("epd_resumed_requests_total")]
+        assert resumed and float(resumed[0].split()[-1]) >= 1, resumed  # the path was taken, not dodged
     finally:
         cluster.stop()

@@ -8,7 +8,7 @@ process runs in its one continuous batch (`decode_batch.py`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from epd.connectors.kv import KVConnector, KVTransferError
@@ -41,6 +41,7 @@ class Generation:
     detok: Detokenizer
     output: StopStrings
     seq: int = 1  # chunk 0 was the first token
+    resumed: list[int] = field(default_factory=list)  # a continuation's earlier tokens (Request.resume_tokens)
 
 
 def chunk(gen: Generation, seq: int, token: int | None, reason: FinishReason | None) -> TokenChunk:
@@ -58,6 +59,13 @@ def chunk(gen: Generation, seq: int, token: int | None, reason: FinishReason | N
     return TokenChunk(
         request_id=gen.request_id, seq=seq, token_ids=tokens, text=text, finish_reason=reason, usage=usage
     )
+
+
+def prime_text(gen: Generation, tokens: list[int]) -> None:
+    """Bring the detokenizer and stop strings to where they were after `tokens` (already sent), sending nothing."""
+    shown = [t for t in tokens if t not in gen.sampling.stop_token_ids]
+    if shown:
+        gen.output.add(gen.detok.skip(shown), final=False)
 
 
 class Decoder:
@@ -116,8 +124,8 @@ class DecodeStage:
         with tracer().start_as_current_span("kv.recv", attributes={"epd.bytes": job.kv.nbytes}):
             try:
                 kv = await self.kv.recv(job.kv)
-            except KVTransferError as e:  # its prefill is done and gone: the client may retry
-                raise RequestFailed(503, f"the request's KV cache is lost: {e}", "server_error") from None
+            except KVTransferError as e:  # (its first decoder died holding it): the client goes on from its tokens
+                raise RequestFailed(503, f"the request's KV cache is lost: {e}", "server_error", True) from None
             except TensorIntegrityError as e:
                 raise RequestFailed(500, f"the request's KV cache is corrupt: {e}", "server_error") from None
             finally:
@@ -131,8 +139,8 @@ class DecodeStage:
             tokens=[job.first_token],
             detok=Detokenizer(self.ckpt.tokenizer),
             output=StopStrings(job.sampling.stop),
+            resumed=job.resume_tokens,
         )
         # the same text state the prefill worker had after the first token (its chunk is already sent)
-        shown = [] if job.first_token in job.sampling.stop_token_ids else [job.first_token]
-        gen.output.add(gen.detok.push(shown), final=False)
+        prime_text(gen, [*job.resume_tokens, job.first_token])
         await self.decoder.generate(gen, kv, job.rope_delta)

@@ -160,7 +160,7 @@ class StageLoop:
             except WireError as e:
                 await self._fail(span, request_id, reply_to, 400, str(e), "invalid_request_error")
             except RequestFailed as e:
-                await self._fail(span, request_id, reply_to, e.status, str(e), e.type)
+                await self._fail(span, request_id, reply_to, e.status, str(e), e.type, e.resumable)
             except Exception as e:  # the per-request error boundary: this request fails, the worker serves on
                 log.exception("%s: request %s failed", stage, request_id)
                 await self._fail(span, request_id, reply_to, 500, f"{type(e).__name__}: {e}", "server_error")
@@ -181,14 +181,23 @@ class StageLoop:
                 log.debug("in_progress failed: %s", e)
 
     async def _fail(
-        self, span: trace.Span, request_id: str, reply_to: str, status: int, message: str, type_: str
+        self,
+        span: trace.Span,
+        request_id: str,
+        reply_to: str,
+        status: int,
+        message: str,
+        type_: str,
+        resumable: bool = False,
     ) -> None:
         span.set_status(Status(StatusCode.ERROR, message))
         span.set_attribute("error.type", type_)
         self.rt.load.failed += 1
         metrics.ERRORS.labels(self.stage.name, type_).inc()
         log.warning("%s: request %s -> %d %s", self.stage.name, request_id, status, message)
-        error = ErrorReply(request_id=request_id, seq=-1, status=status, message=message, type=type_)
+        error = ErrorReply(
+            request_id=request_id, seq=-1, status=status, message=message, type=type_, resumable=resumable
+        )
         await self.rt.reply(reply_to, error)
 
 

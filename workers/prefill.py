@@ -19,7 +19,7 @@ from epd.schemas.decode import KVReady
 from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
-from epd.workers.decode import Decoder, Generation, chunk
+from epd.workers.decode import Decoder, Generation, chunk, prime_text
 from epd.workers.decode_batch import finish_reason
 from epd.workers.decoder_choice import DecoderPicker
 from epd.workers.encode import ImageEncoder
@@ -104,6 +104,7 @@ class PrefillStage:
                 )
             if not ids:
                 raise PromptError("the prompt is empty")
+            ids = ids + list(req.resume_tokens)  # a continuation goes on from what it generated
         except PromptError as e:
             raise RequestFailed(400, str(e)) from None
         if len(ids) >= self.max_len:
@@ -138,7 +139,9 @@ class PrefillStage:
             [first],
             Detokenizer(self.ckpt.tokenizer),
             StopStrings(req.sampling.stop),
+            resumed=list(req.resume_tokens),
         )
+        prime_text(gen, gen.resumed)  # a continuation's text goes on from where its client has it
         reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
         reply = chunk(gen, 0, first, reason)
         await self.rt.reply(req.reply_to, reply)
@@ -281,6 +284,7 @@ class RemoteDecode:
             first_token=gen.tokens[0],
             rope_delta=out.rope_delta,
             kv=handle,
+            resume_tokens=gen.resumed,
         )
         subject = subjects.DECODE if target is None else subjects.decode_for(target)
         await self.rt.publish(subject, ready, gen.request_id, gen.reply_to, "decode")

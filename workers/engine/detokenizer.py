@@ -22,3 +22,14 @@ class Detokenizer:
         delta = text[len(self._emitted) :] if text.startswith(self._emitted) else text
         self._emitted = text
         return delta
+
+    def skip(self, ids: list[int]) -> str:
+        """Take `ids` as already pushed one at a time and their text as sent (a continuation's earlier tokens);
+        returns that text. As one push each would have, it leaves a trailing partial character unsent."""
+        self.ids.extend(ids)
+        for end in range(len(self.ids), -1, -1):  # (a partial character is a few tokens at most)
+            text = self._tok.decode(self.ids[:end], skip_special_tokens=True) if end else ""
+            if not text.endswith("\ufffd"):
+                self._emitted = text
+                return text
+        return ""
