@@ -141,7 +141,8 @@ class ReplyStream:
                         attempt, pending, expected, suspect_since = resumed, {}, 0, None
                         continue
                 self.finished = True
-                raise ApiError(reply.status, reply.message, reply.type)
+                retry = 2 if reply.status in (429, 503) else None  # (a worker's retryable error: worth a retry)
+                raise ApiError(reply.status, reply.message, reply.type, retry_after_s=retry)
             pending[reply.seq] = reply
             if expected in pending:
                 suspect_since = None  # the stream goes on after the reconnect: nothing lost before this chunk

@@ -136,4 +136,6 @@ def render_processes(state: dict, now: float | None = None) -> str:
         if p.get("last_exit_at"):
             last = f"code {p['last_exit_code']}, {now - p['last_exit_at']:.0f}s ago"
         lines.append(f"{name:<18} {p['kind']:<16} {p['pid']:>8} {p['state']:<11} {p['restarts']:>8}  {last}")
+    if state.get("metrics_url"):
+        lines.append(f"(epd up's supervisor; restarts counted at {state['metrics_url']})")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 from typing import Any, Protocol
 
 import nats
+from epd.connectors.mooncake_store import StoreError
 from epd.ops import metrics
 from epd.ops.config import Settings
 from epd.ops.tracing import attempt_span_id, extract_context, fixed_span_id, tracer
@@ -33,6 +34,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 log = logging.getLogger(__name__)
 
+STORE_WAIT_S = 60.0  # how long a job waits for the Mooncake store to come back before failing with a 503
 KEEPALIVES = 5  # in_progress signals per ack wait: a few may be late (a busy event loop) before a redelivery
 
 
@@ -156,7 +158,11 @@ class StageLoop:
         with trace.use_span(span, end_on_exit=True):
             keepalive = asyncio.create_task(self._keep_alive(msg))
             try:
-                await self.stage.handle(self._decoder.decode(msg.data))
+                await self._handle(msg, request_id)
+            except StoreError as e:  # the Mooncake master stayed away past the wait: the client may retry
+                await self._fail(
+                    span, request_id, reply_to, 503, f"the Mooncake store is unavailable: {e}", "server_error"
+                )
             except WireError as e:
                 await self._fail(span, request_id, reply_to, 400, str(e), "invalid_request_error")
             except RequestFailed as e:
@@ -171,6 +177,24 @@ class StageLoop:
                 metrics.IN_FLIGHT.labels(stage).dec()
                 metrics.STAGE_DURATION.labels(stage).observe(time.perf_counter() - started)
             await msg.ack()
+
+    async def _handle(self, msg: nats.aio.msg.Msg, request_id: str) -> None:
+        """The stage's handler; run again while the Mooncake store is unavailable (its master restarting: the
+        clients take some seconds to mount their segments again), up to `STORE_WAIT_S`. Running a handler
+        again is what a redelivery does: its replies and publishes are de-duplicated downstream."""
+        job = self._decoder.decode(msg.data)
+        deadline, delay = time.monotonic() + STORE_WAIT_S, 0.5
+        while True:
+            try:
+                return await self.stage.handle(job)
+            except StoreError as e:
+                if time.monotonic() + delay > deadline or request_id in self.rt.cancelled:
+                    raise
+                log.warning(
+                    "%s: request %s: store unavailable (%s); again in %.1fs", self.stage.name, request_id, e, delay
+                )
+                await asyncio.sleep(delay)
+                delay = min(2 * delay, 4.0)
 
     async def _keep_alive(self, msg: nats.aio.msg.Msg) -> None:
         while True:
