@@ -200,7 +200,7 @@ async def _sse(
     finally:
         reply_span.end()
         if not replies.finished:  # the client went away: free what every stage holds for it
-            await gw.cancel(rid)
+            await gw.cancel(replies.attempt)
             status = 499
         await replies.close()
         _finish(span, model, replies, status, usage, reason)

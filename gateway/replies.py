@@ -55,6 +55,7 @@ class ReplyStream:
         self.nc, self.request_id, self.timeout_s = nc, request_id, timeout_s
         self._on_close, self._resumer = on_close, resumer
         self.token_ids: list[int] = []  # every token yielded, over every attempt
+        self.attempt = request_id  # the request id the stages know it by now (a continuation has its own)
         self.resumes = 0
         self._resumed_tokens = 0  # tokens the current attempt was given (counted in its prompt)
         self.inbox = f"_INBOX.epd.{request_id}"
@@ -94,7 +95,7 @@ class ReplyStream:
         deadline = time.monotonic() + self.timeout_s
         pending: dict[int, TokenChunk] = {}
         expected = 0
-        attempt = self.request_id
+        attempt = self.attempt = self.request_id
         reconnects = self._reconnects()
         suspect_since: float | None = None  # since a reconnect (or a disconnection) with no chunk after it
         while not self.finished:
@@ -120,6 +121,7 @@ class ReplyStream:
                             retry_after_s=2,
                         )
                     attempt, pending, expected, suspect_since = resumed, {}, 0, None
+                    self.attempt = attempt
                     continue
             try:
                 msg = await self._sub.next_msg(timeout=min(left, POLL_S))
@@ -139,6 +141,7 @@ class ReplyStream:
                     resumed = await self._resume(attempt, reply.message)
                     if resumed is not None:
                         attempt, pending, expected, suspect_since = resumed, {}, 0, None
+                        self.attempt = attempt
                         continue
                 self.finished = True
                 retry = 2 if reply.status in (429, 503) else None  # (a worker's retryable error: worth a retry)
