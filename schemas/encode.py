@@ -23,3 +23,4 @@ class EmbeddingReady(Struct, tag="epd.embedding_ready.v1"):
     request: Request
     images: list[ImageEmbedding]
     pending: list[int] = []  # as in EncodeJob: may not be in the cache yet
+    again: bool = False  # from an EncodeJob sent `again`: what is still unusable now will not be encoded a third time

@@ -143,7 +143,7 @@ class EncodeStage:
         # de-duplication id: this one must not be dropped as its duplicate
         await self.rt.publish(
             subjects.PREFILL,
-            EmbeddingReady(request=req, images=refs, pending=job.pending),
+            EmbeddingReady(request=req, images=refs, pending=job.pending, again=job.again),
             req.request_id,
             req.reply_to,
             "prefill-again" if job.again else "prefill",

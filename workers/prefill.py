@@ -178,7 +178,7 @@ class PrefillStage:
         if self.inline_encode or fallback:  # (the pending encode elsewhere timed out, or no encoder is alive)
             refs = await self.encoder.encode(encode_job)
             return await self._embeddings(PrefillJob(request=job.request, images=refs))
-        if isinstance(job, EmbeddingReady):  # just encoded and already gone: do not loop
+        if isinstance(job, EmbeddingReady) and job.again:  # just encoded anew and already gone: do not loop
             raise RequestFailed(503, f"embeddings of images {missing} vanished from the encoder cache", "server_error")
         req: Request = job.request
         await self.rt.publish(subjects.ENCODE, encode_job, req.request_id, req.reply_to, "encode-again")
