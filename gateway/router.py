@@ -113,7 +113,9 @@ class Router:
         images = req.images()
         if len(images) > self.settings.max_images:
             raise ApiError(413, f"{len(images)} images; this server takes at most {self.settings.max_images}")
-        if any(not im.data for im in images):
+        # an image already stored (a continuation the gateway sends again) comes as its key, of this model's space
+        stored = f"{self.keys.prefix}-image-"
+        if any(not im.data and not (im.key.startswith(stored) and im.nbytes > 0) for im in images):
             raise ApiError(400, "an image part has no bytes", param="messages")
 
     def _check_image(self, image: ImagePart, i: int) -> str:
@@ -128,12 +130,13 @@ class Router:
 
     async def _store_images(self, images: list[ImagePart]) -> list[str]:
         """Check each image off the event loop, store its bytes once, and leave only its key in the request."""
-        keys = [await asyncio.to_thread(self._check_image, im, i) for i, im in enumerate(images)]
-        with tracer().start_as_current_span("images.put", attributes={"epd.bytes": sum(len(im.data) for im in images)}):
-            await asyncio.gather(*(self.images.put(k, im.data) for k, im in zip(keys, images, strict=True)))
-        for key, image in zip(keys, images, strict=True):
+        new = [(i, im) for i, im in enumerate(images) if im.data]  # (the others were stored by an earlier attempt)
+        keys = [await asyncio.to_thread(self._check_image, im, i) for i, im in new]
+        with tracer().start_as_current_span("images.put", attributes={"epd.bytes": sum(len(im.data) for _, im in new)}):
+            await asyncio.gather(*(self.images.put(k, im.data) for k, (_, im) in zip(keys, new, strict=True)))
+        for key, (_, image) in zip(keys, new, strict=True):
             image.key, image.nbytes, image.data = key, len(image.data), b""
-        return keys
+        return [im.key for im in images]
 
     async def route(self, req: Request) -> str:
         """Validate, store the images, and publish; returns the subject the request went to."""
