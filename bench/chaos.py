@@ -51,6 +51,7 @@ FAULT_KINDS = (*WORKER_KINDS, "nats", "mooncake-master")
 QUESTIONS = ("What color is the shape?", "What shape is it?", "Describe the image.")
 TEXTS = tuple(f"Say something about the number {i}." for i in range(12))
 RETRIES = 8  # a client's retries of a 503 / 429
+RECOVERY_LIMIT_S = 120.0  # a fault not recovered by then counts as not recovered
 
 
 @dataclass
@@ -283,7 +284,8 @@ async def chaos(up: Up, every_s: float, short: bool, faults: list[Fault], stop_e
             continue
         faults.append(fault)
         print(f"  fault {len(faults)}: SIGKILL {name} (pid {before})", flush=True)
-        while not stop_event.is_set():  # recovered: started again, and the gateway ready
+        while time.monotonic() - fault.at < RECOVERY_LIMIT_S:  # recovered: started again, and the gateway ready
+            # (waited out even when the load has ended: a fault's recovery is measured whole)
             p = up.processes().get(name, {})
             if fault.restarted_s is None and p.get("pid") != before and p.get("state") == "running":
                 fault.restarted_s = time.monotonic() - fault.at
