@@ -74,7 +74,9 @@ def readme_picture() -> bytes:
 def stage_jobs(project: Project, service: str, index: int, stage: str) -> float:
     """Jobs one replica of a worker service finished: its own /metrics, read inside its container."""
     text = project.exec_python(
-        service, index, "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9400/metrics').read().decode())"
+        service,
+        index,
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:9400/metrics').read().decode())",
     )
     m = re.search(rf'^epd_stage_duration_seconds_count\{{stage="{stage}"\}} (\S+)$', text, re.M)
     return float(m.group(1)) if m else 0.0
@@ -143,9 +145,7 @@ def test_each_request_is_one_trace_across_the_services(stack: Project) -> None:
     while True:
         spans = httpx.get(SPANS, timeout=10).json()
         traces = {rid: {s["trace_id"] for s in spans if s["attributes"].get("epd.request_id") == rid} for rid in asked}
-        services = {
-            rid: {s["service"] for s in spans if s["trace_id"] in ids} for rid, ids in traces.items()
-        }
+        services = {rid: {s["service"] for s in spans if s["trace_id"] in ids} for rid, ids in traces.items()}
         if all(services[r] >= want for r, want in asked.items()) or time.monotonic() > deadline:
             break
         time.sleep(1)
