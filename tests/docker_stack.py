@@ -45,10 +45,12 @@ def run(argv: list[str], timeout_s: float = 60, check: bool = True) -> subproces
 
 
 @functools.cache
-def compose_config(*profiles: str) -> dict:
-    """docker-compose.yml as Compose itself reads it (extends resolved, defaults filled), for `profiles`."""
+def compose_config(*profiles: str, overrides: tuple[Path, ...] = ()) -> dict:
+    """docker-compose.yml (and `overrides` over it) as Compose itself reads it (extends resolved, defaults
+    filled), for `profiles`."""
     flags = [a for p in profiles for a in ("--profile", p)]
-    return json.loads(run(["docker", "compose", "-f", str(COMPOSE_FILE), *flags, "config", "--format", "json"]).stdout)
+    files = [a for f in (COMPOSE_FILE, *overrides) for a in ("-f", str(f))]
+    return json.loads(run(["docker", "compose", *files, *flags, "config", "--format", "json"]).stdout)
 
 
 def engine_answers() -> bool:

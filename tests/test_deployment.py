@@ -75,6 +75,25 @@ def test_no_yaml_anchors_or_merge_keys() -> None:
 
 
 @pytest.mark.unit
+def test_the_nats_cluster_override_gives_every_process_three_nodes_and_three_replicas() -> None:
+    override = COMPOSE_FILE.parent / "ops" / "compose.nats-cluster.yml"
+    services = compose_config("gpu", overrides=(override,))["services"]
+    nodes = ["nats", "nats-2", "nats-3"]
+    for name in nodes:  # each node names itself and routes to the other two
+        cmd = services[name]["command"]
+        routes = cmd[cmd.index("--routes") + 1].split(",")
+        assert sorted(r.split("//")[1].split(":")[0] for r in routes) == sorted(set(nodes) - {name})
+        assert cmd[cmd.index("--cluster_name") + 1] == "epd"
+    assert len({services[n]["command"][services[n]["command"].index("--name") + 1] for n in nodes}) == 3
+    epd = [n for n, s in services.items() if s.get("image", "").startswith("epd:") and n != "mooncake-master"]
+    assert len(epd) == 7  # gateway and the six worker services
+    for name in epd:
+        env = services[name]["environment"]
+        assert env["EPD_NATS_URL"].split(",") == [f"nats://{n}:4222" for n in nodes], name
+        assert env["EPD_NATS_REPLICAS"] == "3", name
+        assert {"nats-2", "nats-3"} <= set(services[name]["depends_on"]), name
+
+
 def test_structure_matches_the_project() -> None:
     services = with_gpu()["services"]
     mine = ours(services)
