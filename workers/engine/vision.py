@@ -211,7 +211,8 @@ class VisionTower(nn.Module):
 
     # -- per-grid work, cached -------------------------------------------------------------------------------
     def _grid(self, thw: tuple[int, int, int]) -> tuple:
-        """One image grid's (cos, sin, window order, window lengths) on the CPU, image-local; LRU-cached."""
+        """One image grid's (cos, sin, window order, window lengths) on the CPU, image-local, cos/sin (patches,
+        head_dim) already in window order; LRU-cached."""
         hit = self._grids.get(thw)
         if hit is not None:
             self._grids.move_to_end(thw)
@@ -224,10 +225,13 @@ class VisionTower(nn.Module):
         freqs = torch.stack([rows, cols], -1).repeat(t, 1)[..., None].float() * self.inv_freq  # (n, 2, d/4)
         angles = freqs.flatten(1)  # (n, d/2): h angles then w angles
         angles = torch.cat([angles, angles], dim=-1)
-        order, lengths = None, None
+        cos, sin, order, lengths = angles.cos(), angles.sin(), None, None
         if self.windowed:
             order, lengths = self._windows(t, h // m, w // m)
-        hit = (angles.cos(), angles.sin(), order, lengths)
+            # the patch rows in the order the blocks see them: each merged token's m*m patches move with it
+            idx = (order[:, None] * (m * m) + torch.arange(m * m)).reshape(-1)
+            cos, sin = cos[idx], sin[idx]
+        hit = (cos, sin, order, lengths)
         self._grids[thw] = hit
         if len(self._grids) > GRID_CACHE:
             self._grids.popitem(last=False)
@@ -257,9 +261,6 @@ class VisionTower(nn.Module):
                 full.append(full[-1] + h * w)
             if order is not None:
                 orders.append(order + merged_before)
-                # reorder this image's patch rows the way its merged tokens are reordered
-                idx = (order[:, None] * unit + torch.arange(unit)).reshape(-1)
-                c, s = c[idx], s[idx]
                 for n in lengths:
                     windows.append(windows[-1] + n * unit)
             merged_before += t * h * w // unit
