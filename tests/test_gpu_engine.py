@@ -136,7 +136,7 @@ def test_float32_kernels_agree_with_the_torch_path_on_the_models_kv(tiny: Path) 
     from epd.workers.engine.weights import load_model
 
     ckpt = Checkpoint.open(tiny)
-    _, text = load_model(ckpt, torch.device("cuda"), torch.float32, "language")
+    _, text, _ = load_model(ckpt, torch.device("cuda"), torch.float32, "language")
     kernels = attention.triton_kernels()
     gen = torch.Generator().manual_seed(3)
     lengths = [1, 17, 40, 5]

@@ -168,7 +168,7 @@ def test_paged_decode_replays_in_a_cuda_graph(kernels, per_sequence) -> None:
 # varlen causal prefill
 
 
-def reference_prefill(q, k, v, cu, scale):
+def reference_prefill(q, k, v, cu, scale, causal=True):
     out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     group = q.shape[1] // k.shape[1]
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist(), strict=True):
@@ -177,8 +177,8 @@ def reference_prefill(q, k, v, cu, scale):
         vs = v[a:b].double().repeat_interleave(group, dim=1).transpose(0, 1)
         s = qs @ ks.transpose(1, 2) * scale
         n = b - a
-        causal = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
-        s = s.masked_fill(~causal, float("-inf"))
+        if causal:
+            s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(), float("-inf"))
         out[a:b] = (torch.softmax(s, dim=-1) @ vs).transpose(0, 1)
     return out
 
@@ -218,6 +218,27 @@ def test_varlen_prefill_on_strided_qkv_views(kernels) -> None:
     out = kernels.varlen_prefill(q, k, v, cu, 200, dim**-0.5)
     ref = reference_prefill(q, k, v, cu, dim**-0.5)
     assert relative_error(out, ref) < TOLERANCE[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("dim", [80, 64], ids=["dim80", "dim64"])
+@pytest.mark.parametrize("lens", [[1], [64, 64, 16, 64, 37], [1025, 3, 256]], ids=["one", "windows", "images"])
+def test_non_causal_varlen_matches_reference(kernels, dtype, dim, lens) -> None:
+    """The vision towers' attention: each segment (an image, or a window) attends to all of itself; head dim 80
+    (Qwen2-VL's and Qwen2.5-VL's towers) is padded to 128 in the kernel's registers."""
+    skip_bf16_in_interpreter(dtype)
+    if INTERPRET:
+        lens = [min(n, 70) for n in lens]
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((dtype, dim, lens)).encode()))
+    heads, tokens = 16, sum(lens)
+    # one fused QKV output cut into strided views, as the tower passes them
+    qkv = torch.randn(tokens, 3, heads, dim, generator=gen).to(DEVICE, dtype)
+    q, k, v = qkv.unbind(1)
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+    out = kernels.varlen_prefill(q, k, v, cu, max(lens), dim**-0.5, causal=False)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    err = relative_error(out, reference_prefill(q, k, v, cu, dim**-0.5, causal=False))
+    assert err < TOLERANCE[dtype], f"relative error {err:.2e}"
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ the CPU path imports triton. Shapes:
 - `paged_decode`: one query token per sequence against its cached keys and values, read in place
   through its block table. Grouped-query attention: heads // kv_heads query heads share a KV head.
 - `varlen_prefill`: whole prompts packed back to back (no padding), causal within each prompt.
+- `varlen_attention`: the same packing, causal or not (`causal=False`: the vision towers, each image or
+  window attending to all of itself).
 - `store_kv`: the step's keys and values into their cache slots (flat slot = block * block_tokens + offset).
 """
 
@@ -65,6 +67,22 @@ def varlen_prefill(
     return varlen_prefill_torch(q, k, v, cu_seqlens, scale)
 
 
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """q (tokens, heads, dim), k/v (tokens, kv_heads, dim) of packed sequences -> (tokens, heads, dim): one kernel
+    launch on CUDA for every sequence, one SDPA per sequence on the CPU."""
+    if q.is_cuda and (kernels := triton_kernels()) is not None:
+        return kernels.varlen_prefill(q, k, v, cu_seqlens, max_seqlen, scale, causal=causal)
+    return varlen_prefill_torch(q, k, v, cu_seqlens, scale, causal=causal)
+
+
 def paged_decode_torch(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -90,7 +108,7 @@ def paged_decode_torch(
 
 
 def varlen_prefill_torch(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, causal: bool = True
 ) -> torch.Tensor:
     """The reference: each prompt through SDPA in turn (one host read of `cu_seqlens`)."""
     out = torch.empty_like(q)
@@ -98,6 +116,6 @@ def varlen_prefill_torch(
     for start, end in zip(bounds, bounds[1:], strict=False):
         # (heads, n, dim): SDPA's layout; enable_gqa shares each KV head among its query heads
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=True, scale=scale, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qs[None], ks[None], vs[None], is_causal=causal, scale=scale, enable_gqa=True)
         out[start:end] = o[0].transpose(0, 1)
     return out

@@ -4,7 +4,7 @@
 `decode_step(tokens, positions, cache, step) -> logits`. The language model is the project's
 own (`qwen2_text.py`), the same for every Qwen-VL family; the project owns the KV cache and the
 batching (`kv_cache.py`, `workers/micro_batch.py`, `workers/decode_batch.py`). An adapter adds
-what differs: the vision tower (transformers' module), and the prompt's 3-D positions.
+what differs: the vision tower (`vision.py`, the project's own), and the prompt's 3-D positions.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def _layer_router(sinks: list[LayerSink | None], bounds: list[int]) -> Callable:
 
 
 class Family(ABC):
-    model: Any  # transformers' *ForConditionalGeneration holding the vision tower (`None` when not loaded)
+    model: Any  # transformers' *ForConditionalGeneration skeleton: its M-RoPE position code (a given one: baseline)
     text: Qwen2Text | None  # the language model (`None` when not loaded)
     image_token_id: int
     device: torch.device

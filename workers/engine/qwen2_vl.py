@@ -1,4 +1,5 @@
-"""Qwen2-VL through transformers' classes: its vision tower, and M-RoPE positions for a prompt."""
+"""Qwen2-VL: our vision tower (`vision.py`) over the image processor's patches, and M-RoPE positions for a
+prompt through transformers' position code."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 import torch
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Encoded, Family, ImageRejected
+from epd.workers.engine.vision import tower_from_module
 from epd.workers.engine.weights import Parts, load_model, text_from_model
 from PIL import Image
 
@@ -16,13 +18,15 @@ class Qwen2VL(Family):
         self, ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", parts: Parts = "all", model: Any = None
     ) -> None:
         """`model`: a transformers model already built (benchmarks build random weights on the device instead of
-        loading); the language model is then ours with its weights, and `model` keeps its own (the baseline)."""
+        loading); the language model and vision tower are then ours with its weights, and `model` keeps its own
+        (the baseline)."""
         self.ckpt = ckpt
         self.device, self.dtype = torch.device(device), getattr(torch, dtype)
         if model is None:
-            self.model, self.text = load_model(ckpt, self.device, self.dtype, parts)
+            self.model, self.text, self.vision = load_model(ckpt, self.device, self.dtype, parts)
         else:
             self.model, self.text = model, text_from_model(model, self.device, self.dtype)
+            self.vision = tower_from_module(model.model.visual, model.config, self.device, self.dtype)
         self.config = self.model.config
         self.image_token_id = int(self.config.image_token_id)
         self.merge = int(self.config.vision_config.spatial_merge_size)
@@ -37,12 +41,13 @@ class Qwen2VL(Family):
             batch = self.ckpt.image_processor(images=images, return_tensors="pt")
         except ValueError as e:  # e.g. "absolute aspect ratio must be smaller than 200"
             raise ImageRejected(str(e)) from None
-        visual = self.model.model.visual
-        pixels = batch["pixel_values"].to(self.device, visual.dtype)  # (patches of every image, C*T*P*P)
-        grid = batch["image_grid_thw"].to(self.device)  # (images, 3)
-        merged = visual(pixels, grid_thw=grid).pooler_output  # (tokens of every image, hidden)
-        sizes = [self.image_tokens(g) for g in grid.tolist()]
-        return [Encoded(e, g) for e, g in zip(torch.split(merged, sizes), grid.tolist(), strict=True)]
+        if self.vision is None:
+            raise RuntimeError("this engine was loaded without its vision tower")
+        pixels = batch["pixel_values"].to(self.device, self.dtype)  # (patches of every image, C*T*P*P)
+        grids = batch["image_grid_thw"].tolist()  # (images, 3)
+        merged = self.vision(pixels, grids)  # (tokens of every image, hidden)
+        sizes = [self.image_tokens(g) for g in grids]
+        return [Encoded(e, g) for e, g in zip(torch.split(merged, sizes), grids, strict=True)]
 
     def positions(self, ids: torch.Tensor, images: list[Encoded]) -> tuple[torch.Tensor, int]:
         if not images:

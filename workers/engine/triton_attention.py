@@ -10,6 +10,8 @@ Two operations, with the same signatures as the plain-torch versions in `attenti
   their partial softmaxes. The split depends on shapes only, so a step can be captured in a CUDA graph.
 - `varlen_prefill`: causal attention over a flat batch of prompts laid end to end (`cu_seqlens`), a
   flash-attention forward: tiles of queries against tiles of keys with an online softmax, no padding.
+  `causal=False` is the vision towers' attention: each image (or window) attends to all of itself, one
+  launch for every segment of a pack; a head dim that is not a power of two (80) is padded in registers.
 
 Beside them, fused kernels for the model's own layers: `fused_add_rmsnorm`, `silu_and_mul`, and
 `rope_and_store` (the rotary turn of q and k in place, and k and v into their cache slots).
@@ -405,11 +407,14 @@ def _prefill_tile(
     BLOCK_N: tl.constexpr,
     CAUSAL_MASK: tl.constexpr,
     PRECISION: tl.constexpr,
+    END_MASK: tl.constexpr = False,
 ):
     cols = n0 + tl.arange(0, BLOCK_N)
     s = tl.dot(q, tl.trans(k_tile), input_precision=PRECISION) * scale_log2
     if CAUSAL_MASK:
         s = tl.where((cols[None, :] <= rows[:, None]) & (cols[None, :] < seq_len), s, float("-inf"))
+    if END_MASK:
+        s = tl.where(cols[None, :] < seq_len, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])
@@ -439,7 +444,12 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):
+    # HEAD_PAD: head_dim rounded up to a power of two (tl.arange needs one; the vision towers' is 80), the
+    # columns past HEAD_DIM loaded as zeros and never stored. CAUSAL=False: every query sees its whole sequence
+    # (the vision towers' images and windows).
     # The last query tiles see the most keys: hand them out first so the tail of the grid is short work.
     mb = tl.num_programs(0) - 1 - tl.program_id(0)
     b = tl.program_id(1)
@@ -452,38 +462,72 @@ def _prefill_kernel(
         return
     rows = m0 + tl.arange(0, BLOCK_M)
     rmask = rows < seq_len
-    d = tl.arange(0, HEAD_DIM)
+    d = tl.arange(0, HEAD_PAD)
+    dmask = d < HEAD_DIM
     tok = (first + rows).to(tl.int64)
-    q = tl.load(q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0)
+    q = tl.load(
+        q_ptr + tok[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0
+    )
     k_base = k_ptr + first.to(tl.int64) * stride_kt + kvh * stride_kh
     v_base = v_ptr + first.to(tl.int64) * stride_vt + kvh * stride_vh
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
-    # Key tiles wholly before this query tile: every key is visible to every row, no mask.
-    for n0 in range(0, m0, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :])
-        v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :])
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, False, PRECISION)
-    # The diagonal: causal mask, and the sequence's end.
-    for n0 in range(m0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
-        cmask = cols < seq_len
-        k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=cmask[:, None], other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=cmask[:, None], other=0.0)
-        acc, m_i, l_i = _prefill_tile(acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, True, PRECISION)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], tl.float32)
+    if CAUSAL:
+        # Key tiles wholly before this query tile: every key is visible to every row, no mask.
+        for n0 in range(0, m0, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=dmask[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=dmask[None, :], other=0.0)
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, False, PRECISION
+            )
+        # The diagonal: causal mask, and the sequence's end.
+        for n0 in range(m0, tl.minimum(m0 + BLOCK_M, seq_len), BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            cmask = cols < seq_len
+            kvmask = cmask[:, None] & dmask[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=kvmask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=kvmask, other=0.0)
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, True, PRECISION
+            )
+    else:
+        # Whole key tiles unmasked, then the ragged last one masked at the sequence's end.
+        whole = (seq_len // BLOCK_N) * BLOCK_N
+        for n0 in range(0, whole, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=dmask[None, :], other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=dmask[None, :], other=0.0)
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, k, v, rows, n0, seq_len, scale_log2, BLOCK_N, False, PRECISION
+            )
+        if whole < seq_len:
+            cols = whole + tl.arange(0, BLOCK_N)
+            kvmask = (cols < seq_len)[:, None] & dmask[None, :]
+            k = tl.load(k_base + cols[:, None] * stride_kt + d[None, :], mask=kvmask, other=0.0)
+            v = tl.load(v_base + cols[:, None] * stride_vt + d[None, :], mask=kvmask, other=0.0)
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, k, v, rows, whole, seq_len, scale_log2, BLOCK_N, False, PRECISION, True
+            )
     out = acc / l_i[:, None]  # every real row sees at least its own key: l_i > 0
     o = out_ptr + tok[:, None] * stride_ot + h * stride_oh + d[None, :]
-    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None])
+    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & dmask[None, :])
 
 
 def varlen_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    max_seqlen: int,
+    scale: float,
+    causal: bool = True,
 ) -> torch.Tensor:
-    """Causal attention within each of the sequences laid end to end in q/k/v -> (tokens, heads, head_dim)."""
-    return _varlen_prefill(q, k, v, cu_seqlens, max_seqlen, scale)
+    """Attention within each of the sequences laid end to end in q/k/v -> (tokens, heads, head_dim); causal, or
+    (`causal=False`) every token of a sequence seeing all of it."""
+    return _varlen_prefill(q, k, v, cu_seqlens, max_seqlen, scale, causal=causal)
 
 
 def _varlen_prefill(
@@ -497,17 +541,19 @@ def _varlen_prefill(
     block_n: int | None = None,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    causal: bool = True,
 ) -> torch.Tensor:
     tokens, heads, dim = q.shape
     kv_heads = k.shape[1]
     if k.shape != (tokens, kv_heads, dim) or v.shape != k.shape:
         raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match q {tuple(q.shape)}")
-    if heads % kv_heads or dim < 16 or dim & (dim - 1):
-        raise ValueError(f"{heads} heads over {kv_heads} KV heads, head_dim {dim}: need a whole group, dim 2^n >= 16")
+    if heads % kv_heads or dim < 16 or dim % 8:
+        raise ValueError(f"{heads} heads over {kv_heads} KV heads, head_dim {dim}: need a whole group, dim 8n >= 16")
+    pad = triton.next_power_of_2(dim)
     if cu_seqlens.dtype != torch.int32:
         raise ValueError("cu_seqlens must be int32")
     q, k, v = (t if t.stride(2) == 1 else t.contiguous() for t in (q, k, v))
-    wide = q.dtype == torch.float32 or dim > 128  # bigger elements or rows: smaller tiles to fit shared memory
+    wide = q.dtype == torch.float32 or pad > 128  # bigger elements or rows: smaller tiles to fit shared memory
     # 64 x 64 tiles, 4 warps, 3 stages: the best of the sweep for 8 x 1,024 bf16 tokens on an H200 (199 us against
     # 214 us for 128 x 64 with 8 warps); bench/attention_gpu.py
     block_m = block_m or 64
@@ -539,6 +585,8 @@ def _varlen_prefill(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         PRECISION=_precision(q.dtype),
+        CAUSAL=causal,
+        HEAD_PAD=pad,
         num_warps=num_warps,
         num_stages=num_stages,
     )
