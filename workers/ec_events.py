@@ -22,6 +22,7 @@ class Landed:
 
     async def start(self) -> Landed:
         self._sub = await self.nc.subscribe(subjects.ec_landed("*"), cb=self._on)
+        await self.nc.flush()  # the server has the subscription before anyone counts on it
         return self
 
     async def announce(self, keys: list[str]) -> None:
