@@ -30,7 +30,7 @@ class MooncakeStore:
         if not settings.mooncake_master or not settings.mooncake_metadata:
             raise ValueError("Mooncake Store needs --mooncake-master and --mooncake-metadata (or EPD_MOONCAKE_*)")
         # The transfer engine's sockets bind this address, not every interface.
-        os.environ.setdefault("MC_TCP_BIND_ADDRESS", settings.tcp_bind_address)
+        os.environ["MC_TCP_BIND_ADDRESS"] = settings.tcp_bind_address
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
         self._store = MooncakeDistributedStore()

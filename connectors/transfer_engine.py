@@ -76,7 +76,7 @@ class TransferLink:
     def __init__(self, settings: Settings, buffer_mb: float) -> None:
         if not settings.mooncake_metadata:
             raise ValueError("the direct KV transfer needs --mooncake-metadata (or EPD_MOONCAKE_METADATA)")
-        os.environ.setdefault("MC_TCP_BIND_ADDRESS", settings.tcp_bind_address)  # the address it advertises
+        os.environ["MC_TCP_BIND_ADDRESS"] = settings.tcp_bind_address  # the address it advertises
         from mooncake.engine import TransferEngine
 
         # "host:port" names this engine's segment in the metadata server; the engine listens on a port
