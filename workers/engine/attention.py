@@ -62,9 +62,7 @@ def varlen_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
 ) -> torch.Tensor:
     """q (tokens, heads, dim), k/v (tokens, kv_heads, dim) of packed prompts -> (tokens, heads, dim), causal."""
-    if q.is_cuda and (kernels := triton_kernels()) is not None:
-        return kernels.varlen_prefill(q, k, v, cu_seqlens, max_seqlen, scale)
-    return varlen_prefill_torch(q, k, v, cu_seqlens, scale)
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale, causal=True)
 
 
 def varlen_attention(
