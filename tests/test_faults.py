@@ -16,6 +16,7 @@ import pytest
 from epd.connectors.keys import KeySpace
 from epd.ops.status_view import gather_status
 from epd.schemas import subjects
+from epd.workers.decoder_choice import decoder_durable
 from nats.js.api import KeyValueConfig
 
 from .conftest import chat_body, png_bytes, start_cluster
@@ -74,9 +75,9 @@ async def test_a_prefill_worker_killed_mid_burst_loses_nothing_and_stalls_nothin
         cluster.stop()
 
 
-async def _stream(http: httpx.AsyncClient, body: dict) -> tuple[str, list[dict]]:
-    """The streamed answer's text and every event it carried."""
-    events, text = [], ""
+async def _stream(http: httpx.AsyncClient, body: dict, events: list[dict] | None = None) -> tuple[str, list[dict]]:
+    """The streamed answer's text and every event it carried (appended to `events` as they come)."""
+    events, text = [] if events is None else events, ""
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         async for line in r.aiter_lines():
@@ -110,15 +111,24 @@ async def test_a_decoder_killed_mid_stream_hands_its_requests_on_losing_and_repe
             for q in questions
         ]
         victim = cluster.procs["decode-0"]
+        workers, _ = await gather_status(cluster.settings.nats_url)
+        (victim_id,) = [w.worker_id for w in workers if w.pid == victim.pid]
+        nc = await nats.connect(cluster.settings.nats_url)
         async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as http:
-            streams = [asyncio.create_task(_stream(http, b)) for b in bodies]
-            for _ in range(300):  # kill it while it streams
-                if await _busy(cluster.settings.nats_url, victim.pid):
+            seen: list[list[dict]] = [[] for _ in bodies]
+            streams = [asyncio.create_task(_stream(http, b, e)) for b, e in zip(bodies, seen, strict=True)]
+            # Kill it while it holds a request (taken from its own queue, not acked) and decoders stream.
+            # Its heartbeat is up to a second old, longer than these streams last: ask JetStream instead.
+            queue, durable = subjects.stream_of(subjects.DECODE), decoder_durable(victim_id)
+            for _ in range(1000):
+                info = await nc.jetstream().consumer_info(queue, durable)
+                if info.num_ack_pending and any(len(e) > 2 for e in seen):
                     break
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.005)
             else:
                 pytest.fail("decode-0 never took a request")
             os.kill(victim.pid, signal.SIGKILL)
+            await nc.close()
             answers = await asyncio.gather(*streams)
             metrics = (await http.get("/metrics")).text
         for (text, events), (ids, want) in zip(answers, expected, strict=True):
