@@ -41,10 +41,10 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.oracle: the correctness oracle
 
-from epd.ops import shapes  # noqa: E402
-from epd.ops.demo_model import SHIPPED  # noqa: E402
 from epd.ops.processes import free_port, spawn, stop, wait_until  # noqa: E402
 from epd.ops.supervisor import read_state  # noqa: E402
+from epd.tools import shapes  # noqa: E402
+from epd.tools.demo_model import SHIPPED  # noqa: E402
 
 WORKER_KINDS = ("encode", "prefill", "decode")
 FAULT_KINDS = (*WORKER_KINDS, "nats", "mooncake-master")

@@ -287,7 +287,7 @@ async def bench_layerwise(settings: Any, repeat: int, device: str, threads: int)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from epd.ops.config import Settings
+    from epd.core.config import Settings
     from epd.ops.infra import MooncakeMaster
 
     master = MooncakeMaster(Path(tempfile.mkdtemp(prefix="epd-bench-"))).start()

@@ -27,7 +27,7 @@ CASES = [("none", "fallback"), ("encode", "fallback"), ("prefill", "off"), ("pre
 
 PROBE = """
 import gc, sys
-from epd.ops.config import Settings
+from epd.core.config import Settings
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.roles import weights_for
@@ -50,7 +50,7 @@ def rss_after_loading(role: str, inline: str, path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from epd.ops.tiny_model import build_tiny_qwen2_vl, reshard
+    from epd.tools.tiny_model import build_tiny_qwen2_vl, reshard
     from safetensors import safe_open
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

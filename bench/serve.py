@@ -305,8 +305,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cluster = None
     with tempfile.TemporaryDirectory() as tmp:
         if args.launch:
-            from epd.ops.demo_model import SHIPPED  # noqa: PLC0415 - only a launched run needs the project
             from epd.ops.up import Cluster  # noqa: PLC0415
+            from epd.tools.demo_model import SHIPPED  # noqa: PLC0415 - only a launched run needs the project
 
             model_dir = args.model_dir or SHIPPED
             cluster = Cluster.local(model_dir, Path(tmp), args.launch, mooncake_segment_mb=64)

@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 import httpx
-from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
+from epd.tools.tiny_model import build_tiny_qwen2_vl
 from PIL import Image, ImageDraw
 
 

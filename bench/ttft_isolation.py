@@ -33,10 +33,10 @@ import time
 from pathlib import Path
 
 import httpx
-from epd.ops import shapes
-from epd.ops.demo_model import SHIPPED
 from epd.ops.status_view import gather_status
 from epd.ops.up import Cluster
+from epd.tools import shapes
+from epd.tools.demo_model import SHIPPED
 
 
 def picture_url(rng: random.Random) -> str:

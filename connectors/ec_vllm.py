@@ -44,8 +44,8 @@ from epd.connectors.ec import ECConnector
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
 from epd.connectors.mooncake_store import MooncakeStore
-from epd.ops.config import Settings
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.config import Settings
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorBase, ECConnectorMetadata, ECConnectorRole
 
 if TYPE_CHECKING:

@@ -15,11 +15,12 @@ Keys are content keys (`KeySpace.key`), so the same image sent twice is stored o
 from __future__ import annotations
 
 import nats
+from epd.core import subjects
 from nats.js.api import ObjectMeta, ObjectMetaOptions, ObjectStoreConfig, StorageType
 from nats.js.errors import BucketNotFoundError, NotFoundError, ObjectNotFoundError
 from nats.js.object_store import ObjectStore
 
-BUCKET = "epd_images"
+BUCKET = subjects.IMAGES_BUCKET
 CHUNK_BYTES = 512 * 1024  # under NATS's default 1 MiB max_payload
 
 

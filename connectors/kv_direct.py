@@ -32,13 +32,13 @@ import torch
 from epd.connectors.kv import KVConnector, KVTransferError
 from epd.connectors.tensors import dtype_name, from_bytes, new_digest
 from epd.connectors.transfer_engine import TransferError, TransferLink
-from epd.schemas import subjects
+from epd.core import subjects
 from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.common import TensorHandle
 from epd.schemas.decode import KVGrant, KVRelease, KVReserve
 
 if TYPE_CHECKING:
-    from epd.workers.runtime import Load
+    from epd.core.runtime import Load
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from epd.connectors.tensors import host_bytes
 from epd.connectors.transfer_engine import Arena
-from epd.ops.config import Settings
+from epd.core.config import Settings
 
 STAGING_MB = 64  # the registered buffer that every read and write moves through
 

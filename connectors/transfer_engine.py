@@ -20,7 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from epd.ops.config import Settings
+from epd.core.config import Settings
 
 ALIGN = 4096  # ranges start on page boundaries
 NAME_ATTEMPTS = 8

@@ -10,9 +10,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from epd.ops import metrics
-from epd.ops.config import Settings
-from epd.ops.tracing import tracer
+from epd.core import metrics
+from epd.core.config import Settings
+from epd.core.tracing import tracer
 from epd.schemas.common import Usage
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError

@@ -11,9 +11,9 @@ import json
 import logging
 
 import nats
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.runtime import Runtime
 from epd.schemas.reply import ErrorReply
-from epd.workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 ADVISORY = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.*"

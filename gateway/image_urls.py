@@ -12,7 +12,7 @@ import binascii
 from urllib.parse import urlsplit
 
 import httpx
-from epd.ops.config import Settings
+from epd.core.config import Settings
 
 from .errors import ApiError
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import nats
-from epd.schemas import subjects
+from epd.core import subjects
 from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.common import Usage
 from epd.schemas.control import Cancel

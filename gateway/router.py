@@ -21,15 +21,14 @@ import nats
 from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
-from epd.ops import metrics
-from epd.ops.tracing import tracer
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.images import BadImage, ImageTooLarge, open_image
+from epd.core.runtime import Runtime
+from epd.core.tracing import tracer
 from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
-from epd.workers.images import BadImage, ImageTooLarge, open_image
-from epd.workers.runtime import Runtime
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 

@@ -12,17 +12,16 @@ import nats
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.keys import KeySpace
 from epd.connectors.mooncake_store import MooncakeStore, StoreError
-from epd.ops import metrics
-from epd.ops.config import TOPOLOGY_ROLES, Settings
-from epd.ops.tracing import extract_context, tracer
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.config import TOPOLOGY_ROLES, Settings
+from epd.core.heartbeat import live_workers
+from epd.core.runtime import Runtime
+from epd.core.tracing import extract_context, tracer
 from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply
 from epd.schemas.request import Request
 from epd.schemas.status import WorkerStatus
-from epd.workers.heartbeat import live_workers
-from epd.workers.runtime import Runtime
 from opentelemetry.trace import SpanKind
 
 from .dead_letters import watch_dead_letters

@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from epd.ops.config import ROLES, Settings
+from epd.core.config import ROLES, Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -18,7 +18,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    """A flag for every setting declared with `flag=True` (ops/config.py), its help naming the variable."""
+    """A flag for every setting declared with `flag=True` (core/config.py), its help naming the variable."""
     for f in Settings.flags():
         meta = f.metadata
         kind = meta["kind"]
@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         argv = master_argv(args.host, args.rpc_port, args.metadata_port, args.metrics_port)
         os.execve(argv[0], argv, {**os.environ, **preload_env(args.host)})
     if args.command == "make-tiny-model":
-        from epd.ops.tiny_model import build_tiny_qwen2_vl
+        from epd.tools.tiny_model import build_tiny_qwen2_vl
 
         print(build_tiny_qwen2_vl(args.out))
         return 0
@@ -114,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "gateway":
         import uvicorn
+        from epd.core.tracing import setup_tracing
         from epd.gateway.app import create_app
-        from epd.ops.tracing import setup_tracing
 
         provider = setup_tracing("epd-gateway", settings)
         uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning")
@@ -183,10 +183,10 @@ def _status(args: argparse.Namespace) -> int:
     import os
 
     import nats
+    from epd.core.runtime import nats_auth
     from epd.ops.status_view import gather_status, render_status
     from epd.ops.supervisor import read_state, render_processes
     from epd.ops.up import ENDPOINTS_FILE
-    from epd.workers.runtime import nats_auth
 
     url = args.nats_url or os.environ.get("EPD_NATS_URL", "")
     endpoints = args.workdir / ENDPOINTS_FILE

@@ -25,14 +25,14 @@ from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
 from epd.connectors.mooncake_store import MooncakeStore
+from epd.core import subjects
+from epd.core.config import Settings
+from epd.core.runtime import Runtime
 from epd.gateway.router import EncodeClaims
-from epd.ops.config import Settings
-from epd.schemas import subjects
 from epd.schemas.common import ImagePart, Message
 from epd.schemas.encode import EncodeJob
 from epd.schemas.request import Request
 from epd.workers.roles import ec_connector
-from epd.workers.runtime import Runtime
 
 POLL_S = 0.05
 

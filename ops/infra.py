@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from epd.core import subjects
 from epd.ops.bind_guard import preload_env
 from epd.ops.processes import find_binary, free_port, http_ok, port_open, spawn, stop, wait_until
-
-NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # requests carry encoded images inline
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class NatsServer:
             f"server_name: {self.name}",
             f"listen: {self.host}:{self.port}",
             f"http: {self.host}:{self.monitor_port}",  # health and monitoring: plain HTTP, keep it private
-            f"max_payload: {NATS_MAX_PAYLOAD}",
+            f"max_payload: {subjects.NATS_MAX_PAYLOAD}",
             f'jetstream {{ store_dir: "{self.workdir / "jetstream"}", max_memory_store: 256MB }}',
         ]
         sec = self.security

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import nats
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.heartbeat import live_workers, stage_queue
 from epd.schemas.status import WorkerStatus
-from epd.workers.heartbeat import live_workers, stage_queue
 
 
 async def gather_status(nats_url: str, **connect: object) -> tuple[list[WorkerStatus], dict[str, dict[str, int]]]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from epd.ops import metrics
+from epd.core import metrics
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,9 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from epd.ops.config import TOPOLOGY_ROLES, Settings
+from epd.core.config import TOPOLOGY_ROLES, Settings
+from epd.core.metrics import serve_metrics
 from epd.ops.infra import MooncakeMaster, NatsServer
-from epd.ops.metrics import serve_metrics
 from epd.ops.nats_cluster import NatsCluster
 from epd.ops.processes import free_port, spawn, stop, wait_until
 from epd.ops.supervisor import STATE_FILE, Supervisor

@@ -15,11 +15,11 @@ from typing import Any
 
 import httpx
 import pytest
-from epd.ops.config import Settings
+from epd.core.config import Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.processes import free_port, spawn, stop, wait_until
-from epd.ops.tiny_model import build_tiny_qwen2_vl
 from epd.ops.up import Cluster
+from epd.tools.tiny_model import build_tiny_qwen2_vl
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
 from PIL import Image, ImageDraw
 

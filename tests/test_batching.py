@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from epd.core.runtime import Load
 from epd.schemas.common import SamplingParams
 from epd.workers.decode_batch import DecodeBatch
 from epd.workers.engine import load_family
@@ -18,7 +19,6 @@ from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
-from epd.workers.runtime import Load
 
 from .conftest import engine_prompt as prompt
 from .conftest import pictures, png_bytes

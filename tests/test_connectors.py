@@ -14,7 +14,7 @@ from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, to_bytes
 from epd.connectors.transfer_engine import Arena
-from epd.ops.config import Settings
+from epd.core.config import Settings
 
 pytestmark = pytest.mark.integration
 

@@ -3,14 +3,14 @@
 import time
 
 import pytest
-from epd.ops.config import Settings
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.config import Settings
+from epd.core.heartbeat import workers_bucket
+from epd.core.runtime import Runtime
 from epd.schemas.codec import encode
 from epd.schemas.status import WorkerStatus
 from epd.workers.decoder_choice import DecoderPicker, rescue_orphans
-from epd.workers.heartbeat import workers_bucket
 from epd.workers.loop import consumer_config
-from epd.workers.runtime import Runtime
 
 
 def decoder(worker_id: str, kv_tokens: int = 0, capacity: int = 1000, age_s: float = 0.0) -> WorkerStatus:

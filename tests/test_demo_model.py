@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from epd.ops import shapes
-from epd.ops.demo_model import SHIPPED, Recipe, train
 from epd.ops.up import Cluster
+from epd.tools import shapes
+from epd.tools.demo_model import SHIPPED, Recipe, train
 from safetensors.torch import load_file
 
 from .conftest import chat_body, post, start_cluster

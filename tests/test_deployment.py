@@ -17,8 +17,8 @@ import httpx
 import jsonschema
 import pytest
 import yaml
+from epd.core.config import Settings
 from epd.ops.cli import parser
-from epd.ops.config import Settings
 from epd.ops.processes import find_binary, free_port, spawn, stop
 
 from .conftest import Received, chat_body, png_bytes

@@ -4,7 +4,7 @@ import asyncio
 
 import nats
 import pytest
-from epd.workers.ec_events import Landed
+from epd.core.ec_events import Landed
 
 pytestmark = pytest.mark.integration
 

@@ -118,7 +118,7 @@ def test_a_sharded_checkpoint_loads_and_each_half_alone_computes_what_the_whole_
     tiny_model: Path,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
-    from epd.ops.tiny_model import reshard
+    from epd.tools.tiny_model import reshard
 
     ckpt, full = engine
     sharded = reshard(tiny_model, tmp_path / "sharded", "300KB")

@@ -14,8 +14,8 @@ import httpx
 import nats
 import pytest
 from epd.connectors.keys import KeySpace
+from epd.core import subjects
 from epd.ops.status_view import gather_status
-from epd.schemas import subjects
 from epd.workers.decoder_choice import decoder_durable
 from nats.js.api import KeyValueConfig
 

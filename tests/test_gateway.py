@@ -8,8 +8,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from epd.core.config import Settings
 from epd.gateway.app import create_app
-from epd.ops.config import Settings
 from epd.ops.status_view import gather_status
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.ops.up import Cluster

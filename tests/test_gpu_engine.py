@@ -29,8 +29,8 @@ QUESTIONS = ["What shape is it?", "What color is the shape?", "Describe the imag
 
 def prompts(ckpt, family, n: int, seed: int) -> list[tuple[list[int], list]]:  # noqa: ANN001
     """`n` prompts: demo-style pictures with questions, every fourth one text only."""
-    from epd.ops import shapes
     from epd.schemas.common import ImagePart, Message, TextPart
+    from epd.tools import shapes
     from epd.workers.engine.prompt import build_prompt
 
     rng, out = random.Random(seed), []
@@ -86,7 +86,7 @@ def decode_all(  # noqa: ANN001
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from epd.ops.tiny_model import build_tiny_qwen2_vl
+    from epd.tools.tiny_model import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl")
 

@@ -25,12 +25,12 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
+from epd.core import subjects
+from epd.core.config import Settings
 from epd.ops.bind_guard import preload_env
-from epd.ops.config import Settings
 from epd.ops.infra import NatsSecurity, master_argv
 from epd.ops.nats_cluster import cluster_nodes, servers_url
 from epd.ops.processes import find_binary, wait_until
-from epd.schemas import subjects
 
 from .certs import make_certs
 from .conftest import MAX_NEW, chat_body, png_bytes
@@ -306,8 +306,8 @@ async def until(check: Callable[[], Awaitable[bool]], what: str, timeout_s: floa
 
 async def queue_state(d: Deployment, stream: str, durable: str, state: str) -> bool:
     """Whether a stage's consumer has a job waiting (`pending`) or delivered and not acked (`held`)."""
-    from epd.workers.heartbeat import stage_queue
-    from epd.workers.runtime import connect
+    from epd.core.heartbeat import stage_queue
+    from epd.core.runtime import connect
 
     nc = await connect(d.settings, "test")
     try:
@@ -322,8 +322,8 @@ def _served(d: Deployment, role: str) -> int:
     """Requests host5's worker of `role` has served, from its heartbeats in the workers bucket."""
 
     async def count() -> int:
-        from epd.workers.heartbeat import live_workers
-        from epd.workers.runtime import connect
+        from epd.core.heartbeat import live_workers
+        from epd.core.runtime import connect
 
         nc = await connect(d.settings, "test")
         try:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import nats
 import pytest
+from epd.core import subjects
 from epd.ops.up import Cluster
-from epd.schemas import subjects
 from PIL import Image
 
 from .conftest import MAX_NEW, chat_body, post

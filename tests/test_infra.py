@@ -5,7 +5,7 @@ from pathlib import Path
 
 import nats
 import pytest
-from epd.ops.config import Settings
+from epd.core.config import Settings
 from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.processes import port_open
 
@@ -46,8 +46,8 @@ def test_nats_and_master_listen_on_loopback_and_stop_cleanly(tmp_path: Path) -> 
 
 async def test_nats_credentials(tmp_path: Path) -> None:
     """A NATS server that wants a user and password: the settings' credentials get in, none do not."""
+    from epd.core.runtime import connect
     from epd.ops.processes import find_binary, free_port, spawn, stop, wait_until
-    from epd.workers.runtime import connect
 
     port = free_port()
     conf = tmp_path / "nats.conf"
@@ -111,8 +111,8 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path, Path]:
 
 async def test_nats_token_and_tls(tmp_path: Path) -> None:
     """TLS to NATS with the configured CA, and a token: both must be right to get in."""
+    from epd.core.runtime import connect
     from epd.ops.processes import find_binary, free_port, spawn, stop, wait_until
-    from epd.workers.runtime import connect
 
     ca, cert, key = self_signed(tmp_path)
     port = free_port()
@@ -137,7 +137,7 @@ async def test_nats_token_and_tls(tmp_path: Path) -> None:
 
 
 async def connect_once(settings: Settings) -> None:
-    from epd.workers.runtime import nats_auth
+    from epd.core.runtime import nats_auth
 
     nc = await nats.connect(
         settings.nats_url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3, **nats_auth(settings)

@@ -16,7 +16,7 @@ from epd.connectors.kv import KVTransferError
 from epd.connectors.kv_direct import DIRECT_PREFIX, KVLanding, KVSender
 from epd.connectors.tensors import TensorIntegrityError
 from epd.connectors.transfer_engine import Arena, TransferError, TransferLink
-from epd.ops.config import Settings
+from epd.core.config import Settings
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.schemas.decode import KVReserve
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import nats
 import pytest
-from epd.ops.config import Settings
+from epd.core.config import Settings
+from epd.core.runtime import Runtime
 from epd.ops.nats_cluster import NatsCluster
-from epd.workers.runtime import Runtime
 
 from .hosts import Hosts, available
 

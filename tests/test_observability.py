@@ -275,7 +275,7 @@ async def test_trace_lists_the_last_and_the_slowest_requests(cluster: Cluster) -
 
 
 async def test_status_shows_the_pool_and_a_dead_worker_leaves_it(cluster: Cluster) -> None:
-    from epd.ops.config import TOPOLOGY_ROLES
+    from epd.core.config import TOPOLOGY_ROLES
 
     shown = run_cli("status", "--json", "--nats-url", cluster.settings.nats_url)
     assert shown.returncode == 0, shown.stderr

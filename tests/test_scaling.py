@@ -15,9 +15,9 @@ import httpx
 import nats
 import pytest
 from epd.connectors.keys import KeySpace
+from epd.core import subjects
 from epd.ops.status_view import gather_status
 from epd.ops.trace_view import load_spans, spans_for_request
-from epd.schemas import subjects
 
 from .conftest import chat_body, epd_up, png_bytes
 from .oracle import reference

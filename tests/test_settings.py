@@ -5,8 +5,8 @@ import re
 from pathlib import Path
 
 import pytest
+from epd.core.config import SettingError, Settings
 from epd.ops.cli import _settings, parser
-from epd.ops.config import SettingError, Settings
 
 pytestmark = pytest.mark.unit
 

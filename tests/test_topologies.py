@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import nats
 import pytest
-from epd.schemas import subjects
+from epd.core import subjects
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.common import ImagePart, Message, SamplingParams, TextPart
 from epd.schemas.reply import ErrorReply, Reply

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.integration
 SPANS = 200
 EMIT = f"""
 import sys
-from epd.ops.config import Settings
-from epd.ops.tracing import setup_tracing, tracer
+from epd.core.config import Settings
+from epd.core.tracing import setup_tracing, tracer
 provider = setup_tracing("epd-test", Settings(trace_dir=sys.argv[1]))
 for i in range({SPANS}):
     with tracer().start_as_current_span(f"span-{{i}}"):

@@ -4,14 +4,14 @@ import asyncio
 
 import nats
 import pytest
-from epd.ops.config import Settings
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.config import Settings
+from epd.core.runtime import Runtime
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, Reply, TokenChunk
 from epd.workers.errors import RequestFailed
 from epd.workers.loop import StageLoop
-from epd.workers.runtime import Runtime
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ class CrashOnceStage:
 
 
 async def test_a_redelivered_job_links_to_its_first_attempt(infra_settings: Settings) -> None:
-    from epd.ops.tracing import inject_headers, make_provider
+    from epd.core.tracing import inject_headers, make_provider
     from opentelemetry import trace
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter

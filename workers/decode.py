@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from epd.connectors.kv import KVConnector, KVTransferError
 from epd.connectors.tensors import TensorIntegrityError
-from epd.ops import metrics
-from epd.ops.tracing import tracer
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.runtime import Runtime
+from epd.core.tracing import tracer
 from epd.schemas.common import FinishReason, SamplingParams, Usage
 from epd.schemas.decode import KVReady
 from epd.schemas.reply import TokenChunk
@@ -26,7 +26,6 @@ from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.stops import StopStrings
 from epd.workers.errors import RequestFailed
-from epd.workers.runtime import Runtime
 
 
 @dataclass

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from epd.ops import metrics
+from epd.core import metrics
 from epd.schemas.common import FinishReason, SamplingParams
 from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
@@ -51,8 +51,8 @@ from epd.workers.engine.sampling import MIN_TEMPERATURE, sample
 from epd.workers.errors import RequestFailed
 
 if TYPE_CHECKING:
+    from epd.core.runtime import Load
     from epd.workers.engine.cuda_graphs import Launched
-    from epd.workers.runtime import Load
 
 ADMIT_POLL_S = 0.2  # how often a waiting admission checks for its request's cancellation
 

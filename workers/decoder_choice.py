@@ -18,11 +18,11 @@ import time
 from collections import defaultdict
 
 import nats
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.heartbeat import live_workers
+from epd.core.runtime import Runtime
 from epd.schemas.status import WorkerStatus
-from epd.workers.heartbeat import live_workers
 from epd.workers.loop import consumer_config
-from epd.workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -8,17 +8,16 @@ import logging
 import nats
 from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageMissing, ImageStore
-from epd.ops import metrics
-from epd.ops.tracing import tracer
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.ec_events import Landed
+from epd.core.images import BadImage, open_image
+from epd.core.runtime import Runtime
+from epd.core.tracing import tracer
 from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EmbeddingReady, EncodeJob
-from epd.workers.ec_events import Landed
 from epd.workers.engine.family import Encoded, Family, ImageRejected
 from epd.workers.errors import RequestFailed
-from epd.workers.images import BadImage, open_image
 from epd.workers.micro_batch import MicroBatcher
-from epd.workers.runtime import Runtime
 from nats.js.kv import KeyValue
 from PIL import Image
 

@@ -19,14 +19,13 @@ from typing import Any, Protocol
 
 import nats
 from epd.connectors.mooncake_store import StoreError
-from epd.ops import metrics
-from epd.ops.config import Settings
-from epd.ops.tracing import attempt_span_id, extract_context, fixed_span_id, tracer
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.config import Settings
+from epd.core.runtime import Runtime
+from epd.core.tracing import attempt_span_id, extract_context, fixed_span_id, tracer
 from epd.schemas.codec import Decoder, WireError
 from epd.schemas.reply import ErrorReply
 from epd.workers.errors import RequestFailed
-from epd.workers.runtime import Runtime
 from nats.js.api import AckPolicy, ConsumerConfig
 from opentelemetry import trace
 from opentelemetry.context import Context

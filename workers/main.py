@@ -6,15 +6,15 @@ import asyncio
 import logging
 import signal
 
-from epd.ops.config import Settings
-from epd.ops.metrics import serve_metrics
-from epd.ops.tracing import setup_tracing
+from epd.core.config import Settings
+from epd.core.heartbeat import Heartbeat
+from epd.core.metrics import serve_metrics
+from epd.core.runtime import Runtime
+from epd.core.tracing import setup_tracing
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
-from epd.workers.heartbeat import Heartbeat
 from epd.workers.loop import StageLoop
 from epd.workers.roles import Role, build_role, weights_for
-from epd.workers.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

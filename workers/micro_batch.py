@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from epd.ops import metrics
+from epd.core import metrics
 
 T = TypeVar("T")
 R = TypeVar("R")

@@ -11,9 +11,9 @@ from epd.connectors.image_store import ImageStore
 from epd.connectors.kv import KVConnector
 from epd.connectors.kv_direct import KVSender, LayerWriter
 from epd.connectors.transfer_engine import TransferError
-from epd.ops import metrics
-from epd.ops.tracing import tracer
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.runtime import Runtime
+from epd.core.tracing import tracer
 from epd.schemas.common import ImageEmbedding
 from epd.schemas.decode import KVReady
 from epd.schemas.encode import EmbeddingReady, EncodeJob
@@ -32,7 +32,6 @@ from epd.workers.engine.sampling import sample
 from epd.workers.engine.stops import StopStrings
 from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
-from epd.workers.runtime import Runtime
 from opentelemetry.trace import Status, StatusCode
 
 log = logging.getLogger(__name__)

@@ -27,8 +27,9 @@ from epd.connectors.kv_direct import DirectKVReceiver, KVLanding, KVSender
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.transfer_engine import TransferLink
-from epd.ops.config import Settings
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.config import Settings
+from epd.core.runtime import Runtime
 from epd.workers.decode import Decoder, DecodeStage
 from epd.workers.decoder_choice import DIRECT_INACTIVE_S, DecoderPicker, decoder_durable, rescue_loop
 from epd.workers.encode import EncodeStage
@@ -37,7 +38,6 @@ from epd.workers.engine.family import Family
 from epd.workers.engine.weights import Parts
 from epd.workers.loop import Lane, Stage
 from epd.workers.prefill import LocalDecode, PrefillStage, RemoteDecode
-from epd.workers.runtime import Runtime
 
 
 @dataclass

@@ -16,17 +16,17 @@ import asyncio
 from typing import Any
 
 from epd.connectors.image_store import ImageMissing, ImageStore
-from epd.ops.config import Settings
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.config import Settings
+from epd.core.images import BadImage, open_image
+from epd.core.runtime import Runtime
 from epd.schemas.common import FinishReason, ImagePart, TextPart, Usage
 from epd.schemas.encode import EmbeddingReady
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.reply import TokenChunk
 from epd.schemas.request import Request
 from epd.workers.errors import RequestFailed
-from epd.workers.images import BadImage, open_image
 from epd.workers.loop import Lane, Stage
-from epd.workers.runtime import Runtime
 
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 # the settings the connector inside vLLM needs to reach epd's cache and in-flight bucket

@@ -14,7 +14,7 @@ collect_ignore_glob = [] if find_spec("vllm") else ["test_*.py"]
 @pytest.fixture(scope="session")
 def vllm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Qwen2-VL at a head dim vLLM's CPU attention takes (64: hidden 256 over 4 heads; 16 is refused)."""
-    from epd.ops.tiny_model import build_tiny_qwen2_vl
+    from epd.tools.tiny_model import build_tiny_qwen2_vl
 
     return build_tiny_qwen2_vl(tmp_path_factory.mktemp("ckpt") / "tiny-qwen2-vl-256", hidden=256)
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import torch
 from epd.connectors.ec_shared_dir import SharedDirECConnector
-from epd.ops.config import Settings
+from epd.core.config import Settings
 from epd.ops.encode_ahead import encode_ahead
 from epd.ops.processes import free_port, http_ok, spawn, stop, wait_until
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import msgspec
 import xxhash
-from epd.ops.config import Settings
+from epd.core.config import Settings
 from opentelemetry import context, trace
 from opentelemetry.propagate import extract, inject
 from opentelemetry.sdk.resources import Resource

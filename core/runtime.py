@@ -14,15 +14,14 @@ from dataclasses import dataclass
 
 import msgspec
 import nats
-from epd.ops.config import Settings
-from epd.ops.infra import NATS_MAX_PAYLOAD
-from epd.ops.tracing import inject_headers
-from epd.schemas import subjects
+from epd.core import subjects
+from epd.core.buckets import ensure_buckets
+from epd.core.config import Settings
+from epd.core.ec_events import Landed
+from epd.core.tracing import inject_headers
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, TokenChunk
-from epd.workers.buckets import ensure_buckets
-from epd.workers.ec_events import Landed
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
@@ -63,7 +62,7 @@ async def ensure_streams(js: nats.js.JetStreamContext, replicas: int = 1) -> Non
             subjects=subs,
             retention=RetentionPolicy.WORK_QUEUE,
             storage=StorageType.FILE,
-            max_msg_size=NATS_MAX_PAYLOAD,
+            max_msg_size=subjects.NATS_MAX_PAYLOAD,
             duplicate_window=120.0,
             num_replicas=replicas,
         )

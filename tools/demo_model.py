@@ -1,6 +1,6 @@
 """Train the demo model: a small Qwen2-VL that tells the color and the shape in a picture.
 
-`python -m epd.ops.demo_model OUT` writes a full checkpoint directory (tokenizer,
+`python -m epd.tools.demo_model OUT` writes a full checkpoint directory (tokenizer,
 image processor, chat template, safetensors weights). It is deterministic: seeded
 data, seeded initialization, a fixed number of CPU threads and torch's
 deterministic algorithms, so the same command gives the same weights on one machine.
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from epd.ops import shapes
-from epd.ops.config import DEMO_MODEL
-from epd.ops.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, qwen2_vl_config, save_checkpoint
+from epd.core.config import DEMO_MODEL
+from epd.tools import shapes
+from epd.tools.tiny_model import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tokenizer, qwen2_vl_config, save_checkpoint
 
 SHIPPED = DEMO_MODEL  # where it ships: the default model of `epd up`
 MIN_PIXELS, MAX_PIXELS = 28 * 28 * 4, 28 * 28 * 25  # 4 to 25 image tokens a picture

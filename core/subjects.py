@@ -54,10 +54,13 @@ REPLY_HEADER = "Epd-Reply-To"  # so that even an undecodable message can be answ
 REQUEST_ID_HEADER = "Epd-Request-Id"
 
 # key-value bucket of live workers (schemas.status.WorkerStatus); entries expire after the TTL
+NATS_MAX_PAYLOAD = 8 * 1024 * 1024  # the servers epd starts and its clients agree; messages carry no image bytes
+
 WORKERS_BUCKET = "epd_workers"
 WORKER_TTL_S = 5.0
 HEARTBEAT_S = 1.0
 
 # key-value bucket of images being encoded now (in-flight de-duplication); a claim outlives no encode
+IMAGES_BUCKET = "epd_images"  # JetStream object store: each image once, under its content key
 ENCODING_BUCKET = "epd_encoding"
 ENCODING_CLAIM_TTL_S = 30.0

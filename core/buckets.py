@@ -11,8 +11,7 @@ from __future__ import annotations
 import logging
 
 import nats
-from epd.connectors.image_store import BUCKET as IMAGES_BUCKET
-from epd.schemas import subjects
+from epd.core import subjects
 from nats.js.api import KeyValueConfig, ObjectStoreConfig, StorageType
 from nats.js.errors import BadRequestError
 
@@ -33,10 +32,12 @@ async def ensure_buckets(js: nats.js.JetStreamContext, replicas: int, image_ttl_
         except nats.js.errors.BucketNotFoundError:
             await _create(js.create_key_value(cfg), cfg.bucket)
     try:
-        await js.object_store(IMAGES_BUCKET)
+        await js.object_store(subjects.IMAGES_BUCKET)
     except nats.js.errors.BucketNotFoundError:
-        cfg = ObjectStoreConfig(bucket=IMAGES_BUCKET, ttl=image_ttl_s, storage=StorageType.FILE, replicas=replicas)
-        await _create(js.create_object_store(IMAGES_BUCKET, config=cfg), IMAGES_BUCKET)
+        cfg = ObjectStoreConfig(
+            bucket=subjects.IMAGES_BUCKET, ttl=image_ttl_s, storage=StorageType.FILE, replicas=replicas
+        )
+        await _create(js.create_object_store(subjects.IMAGES_BUCKET, config=cfg), subjects.IMAGES_BUCKET)
 
 
 async def _create(making: object, name: str) -> None:

@@ -14,11 +14,10 @@ import socket
 import time
 
 import nats
-from epd.ops import metrics
-from epd.schemas import subjects
+from epd.core import metrics, subjects
+from epd.core.runtime import Runtime
 from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.status import WorkerStatus
-from epd.workers.runtime import Runtime
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import nats
-from epd.schemas import subjects
+from epd.core import subjects
 
 
 class Landed:

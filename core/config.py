@@ -60,7 +60,7 @@ def setting(
     return field(default_factory=read, metadata=meta)
 
 
-# The demo checkpoint that ships with the project (trained by `python -m epd.ops.demo_model`).
+# The demo checkpoint that ships with the project (trained by `python -m epd.tools.demo_model`).
 DEMO_MODEL = Path(__file__).resolve().parent.parent / "models" / "epd-demo-qwen2-vl"
 
 

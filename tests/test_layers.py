@@ -1,0 +1,44 @@
+"""The architecture's layers, read from the source's imports: core/ is the foundation (it imports no other layer
+of epd but schemas/), the gateway never reaches into workers/, and connectors/ hold no worker or gateway code."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# folder -> the epd packages its modules may import (besides their own and the standard ones below)
+ALLOWED = {
+    "core": {"core", "schemas"},
+    "schemas": {"core", "schemas"},
+    "connectors": {"core", "schemas", "connectors"},
+    "gateway": {"core", "schemas", "connectors", "gateway"},
+}
+
+
+def _epd_imports(path: Path) -> set[str]:
+    """The top-level epd packages a module imports (`from epd.core.x import y` -> core), lazy imports included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        found |= {n.split(".")[1] for n in names if n.startswith("epd.") and n.count(".") >= 1}
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(ALLOWED))
+def test_a_layer_imports_only_the_layers_beneath_it(folder: str) -> None:
+    modules = sorted((ROOT / folder).glob("*.py"))
+    assert modules, folder
+    wrong = {m.name: sorted(_epd_imports(m) - ALLOWED[folder]) for m in modules}
+    assert {k: v for k, v in wrong.items() if v} == {}
+
+
+def test_the_import_reader_sees_a_forbidden_import(tmp_path: Path) -> None:
+    """The check above could pass by reading nothing: it finds the imports it forbids, lazy ones too."""
+    m = tmp_path / "m.py"
+    m.write_text("import os\nfrom epd.core import subjects\n\ndef f():\n    from epd.workers.runtime import Runtime\n")
+    assert _epd_imports(m) == {"core", "workers"}
