@@ -23,6 +23,8 @@ from epd.tools.tiny_model import build_tiny_qwen2_vl
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2 as pb
 from PIL import Image, ImageDraw
 
+from . import prompts
+
 MAX_NEW = 12  # tokens per answer in the end-to-end tests
 
 
@@ -112,20 +114,8 @@ def pictures(images: list[bytes]) -> list[Image.Image]:
 
 
 def engine_prompt(ckpt: Any, family: Any, question: str, images: list[bytes]) -> tuple[list[int], list]:
-    """A user turn with `images` then `question`, as prompt ids with the images encoded: the engine's inputs."""
-    from epd.schemas.common import ImagePart, Message, TextPart
-    from epd.workers.engine.prompt import build_prompt
-
-    encoded = family.encode(pictures(images)) if images else []
-    content = [ImagePart(data=im) for im in images] + [TextPart(text=question)]
-    ids = build_prompt(
-        ckpt.tokenizer,
-        ckpt.chat_template,
-        [Message(role="user", content=content)],
-        [family.image_tokens(e.grid_thw) for e in encoded],
-        family.image_token_id,
-    )
-    return ids, encoded
+    """A user turn with `images` (encoded bytes) then `question`, as the engine's inputs (tests/prompts.py)."""
+    return prompts.engine_prompt(ckpt, family, question, pictures(images))
 
 
 def data_url(data: bytes) -> str:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from .prompts import engine_prompt
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
@@ -29,24 +31,12 @@ QUESTIONS = ["What shape is it?", "What color is the shape?", "Describe the imag
 
 def prompts(ckpt, family, n: int, seed: int) -> list[tuple[list[int], list]]:  # noqa: ANN001
     """`n` prompts: demo-style pictures with questions, every fourth one text only."""
-    from epd.schemas.common import ImagePart, Message, TextPart
     from epd.tools import shapes
-    from epd.workers.engine.prompt import build_prompt
 
-    rng, out = random.Random(seed), []
-    for i in range(n):
-        images = [] if i % 4 == 3 else [shapes.draw(rng).image]
-        encoded = family.encode(images) if images else []
-        content = [ImagePart(data=b"")] * len(images) + [TextPart(text=QUESTIONS[i % 4])]
-        ids = build_prompt(
-            ckpt.tokenizer,
-            ckpt.chat_template,
-            [Message(role="user", content=content)],
-            [family.image_tokens(e.grid_thw) for e in encoded],
-            family.image_token_id,
-        )
-        out.append((ids, encoded))
-    return out
+    rng = random.Random(seed)
+    return [
+        engine_prompt(ckpt, family, QUESTIONS[i % 4], [] if i % 4 == 3 else [shapes.draw(rng).image]) for i in range(n)
+    ]
 
 
 def decode_all(  # noqa: ANN001
