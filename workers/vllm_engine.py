@@ -66,6 +66,9 @@ def engine_args(role: str, settings: Settings) -> Any:
             "ec_role": EC_ROLES[role],
             "ec_connector_extra_config": {k: v for k, v in extra.items() if v != "" or k == "ec_dir"},
         }
+    # an encoder keeps no KV cache; a size given skips the CPU build's check that most of the memory is free (passed
+    # to the encoder only: the pd and epd roles keep each release's defaults)
+    encoder_only = {"kv_cache_memory_bytes": ENCODER_KV_BYTES} if role == "encode" else {}
     return AsyncEngineArgs(
         model=str(settings.model),
         served_model_name=settings.model_name,
@@ -75,9 +78,8 @@ def engine_args(role: str, settings: Settings) -> Any:
         enable_prefix_caching=False,  # a cached prefix would skip the connector: each answer computed afresh
         limit_mm_per_prompt={"image": 1 if role == "encode" else settings.max_images, "video": 0},
         ec_transfer_config=transfer,
-        # an encoder keeps no KV cache; a size given skips the CPU build's check that most of the memory is free
-        kv_cache_memory_bytes=ENCODER_KV_BYTES if role == "encode" else None,
         seed=0,
+        **encoder_only,
     )
 
 
