@@ -21,7 +21,12 @@ Roles (vLLM's `ec_role`):
   encoding now (a claim in epd's in-flight bucket) waits for it (`ensure_cache_available`) instead of
   encoding it a second time.
 - producer: every embedding vLLM computes is saved under its key in epd's format, with its grid, so epd's
-  prefill workers load it as if an epd encoder had saved it.
+  prefill workers load it as if an epd encoder had saved it. An image vLLM serves from its own encoder cache
+  (encoded for an earlier request, so `save_caches` does not fire) is saved again from there: always by an
+  encoder (`ec_producer`, which epd asks to encode only what its cache lacks or holds damaged), by `ec_both`
+  if epd's cache lacks it. So a request through a producer leaves its images in epd's cache.
+  Producer only (`ec_producer`), vLLM 0.32 runs the vision encoder alone (`mm_encoder_only`: no language
+  model, no KV cache) and finishes each request once its prompt is encoded: `epd worker encode --engine vllm`.
 - both: both.
 
 vLLM is imported here only, and only when this module is: the base install does not need it. epd's cache
@@ -99,11 +104,14 @@ class _LoopThread:
 
 @dataclass
 class EpdECMetadata(ECConnectorMetadata):
-    """Scheduler to worker, once a step: what to load (key -> embedding rows vLLM expects) and the grids
-    (key -> (t, h, w)) of what the worker will encode, which epd's format stores beside each embedding."""
+    """Scheduler to worker, once a step: what to load (key -> embedding rows vLLM expects), the grids
+    (key -> (t, h, w)) of what the worker will encode, which epd's format stores beside each embedding, and the
+    keys of the step's new requests that vLLM serves from its own encoder cache (a producer saves those again
+    if epd's cache lacks them)."""
 
     loads: dict[str, int] = field(default_factory=dict)
     grids: dict[str, list[int]] = field(default_factory=dict)
+    republish: list[str] = field(default_factory=list)
 
 
 def backend(settings: Settings, role: ECConnectorRole) -> tuple[ECConnector, MooncakeStore | None]:
@@ -140,6 +148,9 @@ class EpdECConnector(ECConnectorBase):
         self._pending = EpdECMetadata()
         self._claims: Any = None  # epd's in-flight bucket, opened on first use (nats_url set)
         self._nc: Any = None
+        # worker side: the grid of each embedding in vLLM's encoder cache that this worker encoded (to save it
+        # again if epd's cache loses it); pruned to what vLLM's cache still holds
+        self._grids: dict[str, list[int]] = {}
 
     # ---- scheduler side ----
 
@@ -168,6 +179,12 @@ class EpdECConnector(ECConnectorBase):
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> ECConnectorMetadata:
         meta, self._pending = self._pending, EpdECMetadata()
+        if self.is_producer and scheduler_output is not None:
+            # neither loaded nor encoded this step: vLLM has them from an earlier request (or encodes them in a
+            # later chunk of this one; then the worker does not hold them yet and skips them)
+            handled = meta.loads.keys() | meta.grids.keys()
+            new = (f.identifier for r in scheduler_output.scheduled_new_reqs for f in r.mm_features)
+            meta.republish = list(dict.fromkeys(k for k in new if k not in handled))
         return meta
 
     def ensure_cache_available(self, request: Request, num_computed_tokens: int) -> bool:
@@ -215,13 +232,29 @@ class EpdECConnector(ECConnectorBase):
         for key, entry in zip(keys, self._loop.run(self.ec.load_many(keys)), strict=True):
             if entry is None:
                 raise EntryMissing(f"encoder-cache entry {key} was evicted between the scheduler's check and the load")
-            embedding, _ = entry
+            embedding, grid = entry
             if embedding.ndim != 2 or embedding.shape[0] != meta.loads[key]:
                 raise ValueError(
                     f"encoder-cache entry {key} has shape {list(embedding.shape)}; vLLM expects "
                     f"{meta.loads[key]} rows: the key was computed for other processor settings"
                 )
             encoder_cache[key] = embedding.to(device=self._device, dtype=self._dtype or embedding.dtype)
+            self._grids[key] = grid
+
+    def start_save_caches(self, encoder_cache: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> None:
+        """Before the step's encode: save again what the step serves from vLLM's encoder cache. A producer
+        alone (an encoder: asked to encode only what epd's cache lacks, or holds damaged, `again`) writes them
+        all; `ec_both` writes those epd's cache lacks (one `exists` for them)."""
+        meta = self._connector_metadata
+        if encoder_cache is None or not isinstance(meta, EpdECMetadata):
+            return
+        self._grids = {k: g for k, g in self._grids.items() if k in encoder_cache}
+        keys = [k for k in meta.republish if k in encoder_cache and k in self._grids]
+        if keys and self.is_consumer:
+            keys = [k for k, there in zip(keys, self._loop.run(self.ec.exists(keys)), strict=True) if not there]
+        for key in keys:
+            log.info("saving %s again, from vLLM's encoder cache", key)
+            self._loop.run(self.ec.save(key, encoder_cache[key].detach().cpu(), self._grids[key]))
 
     def save_caches(self, encoder_cache: dict[str, torch.Tensor], mm_hash: str, **kwargs: Any) -> None:
         """Save one embedding vLLM computed, in epd's format (its grid beside it). Waits for the write."""
@@ -233,6 +266,7 @@ class EpdECConnector(ECConnectorBase):
             log.warning("not saving %s: the scheduler sent no grid for it", mm_hash)
             return
         self._loop.run(self.ec.save(mm_hash, encoder_cache[mm_hash].detach().cpu(), grid))
+        self._grids[mm_hash] = grid
 
     def shutdown(self) -> None:
         if self._nc is not None:

@@ -17,7 +17,7 @@ TOPOLOGIES = ("epd", "e-pd", "e-p-d")
 ROLES = ("encode", "prefill", "decode", "pd", "epd")
 TOPOLOGY_ROLES = {"epd": ("epd",), "e-pd": ("encode", "pd"), "e-p-d": ("encode", "prefill", "decode")}
 KV_TRANSFERS = ("direct", "store")  # prefill writes into the decoder's memory, or through Mooncake Store
-ENGINES = ("epd", "vllm")  # vllm: workers/vllm_engine.py, in vLLM's own environment (make test-vllm)
+ENGINES = ("epd", "vllm")  # vllm: workers/vllm_engine.py, vllm_encode.py, in vLLM's own environment (make test-vllm)
 EC_BACKENDS = ("mooncake", "shared-dir")  # the aggregated epd topology keeps embeddings in its process
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -111,7 +111,10 @@ class Settings:
     max_inflight: int = setting("EPD_MAX_INFLIGHT", 256, "HTTP requests in flight per gateway (429 over it)")
     pool_grace_s: float = setting("EPD_POOL_GRACE_S", 10.0, "a stage without live workers this long: 503")
     engine: str = setting(
-        "EPD_ENGINE", "epd", "the pd and epd workers' engine: epd's or vLLM's", flag=True, choices=ENGINES
+        "EPD_ENGINE", "epd", "the encode, pd and epd workers' engine: epd's or vLLM's", flag=True, choices=ENGINES
+    )
+    encode_engine: str = setting(
+        "EPD_ENCODE_ENGINE", "", "the encoders' engine, if not --engine's", flag=True, choices=("", *ENGINES)
     )
     ec_backend: str = setting("EPD_EC_BACKEND", "mooncake", "the shared encoder cache", choices=EC_BACKENDS)
     ec_dir: str = setting("EPD_EC_DIR", "", "the shared-dir encoder cache's directory")
@@ -140,6 +143,8 @@ class Settings:
             raise ValueError(f"topology {self.topology!r} is not one of {', '.join(TOPOLOGIES)}")
         if self.engine not in ENGINES:
             raise ValueError(f"engine {self.engine!r} is not one of {', '.join(ENGINES)}")
+        if self.encode_engine not in ("", *ENGINES):
+            raise ValueError(f"encode engine {self.encode_engine!r} is not one of {', '.join(ENGINES)}")
         if self.ec_backend not in EC_BACKENDS:
             raise ValueError(f"encoder-cache backend {self.ec_backend!r} is not one of {', '.join(EC_BACKENDS)}")
         if self.ec_backend == "shared-dir" and not self.ec_dir:
@@ -207,6 +212,13 @@ class Settings:
         """MC_TCP_BIND_ADDRESS: Mooncake's TCP transport binds it and also advertises it to its peers, so
         "any" (0.0.0.0, as in containers) becomes the reachable address, which peers can connect to."""
         return self.reachable_host if self.bind_host in ("0.0.0.0", "::") else self.bind_host
+
+    def engine_for(self, role: str) -> str:
+        """The engine a role's worker runs: vLLM where asked and where epd has a vLLM path (encode, pd, epd);
+        prefill and decode always run epd's (their KV moves over epd's connectors)."""
+        if role == "encode":
+            return self.encode_engine or self.engine
+        return self.engine if role in ("pd", "epd") else "epd"
 
     @property
     def required_roles(self) -> tuple[str, ...]:

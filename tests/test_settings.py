@@ -68,3 +68,21 @@ def test_the_readme_documents_every_variable() -> None:
     documented = {name for row in rows for name in re.findall(r"`(EPD_[A-Z_]+)`", row)}
     declared = {f.metadata["env"] for f in dataclasses.fields(Settings)}
     assert declared - documented == set()
+
+
+def test_each_role_runs_the_engine_it_has() -> None:
+    """`--engine vllm` reaches the roles with a vLLM path (encode, pd, epd); prefill and decode stay on epd's;
+    `--encode-engine` sets the encoders' apart."""
+    vllm = Settings(engine="vllm")
+    assert [vllm.engine_for(r) for r in ("encode", "prefill", "decode", "pd", "epd")] == [
+        "vllm",
+        "epd",
+        "epd",
+        "vllm",
+        "vllm",
+    ]
+    assert Settings(engine="vllm", encode_engine="epd").engine_for("encode") == "epd"
+    assert Settings(encode_engine="vllm").engine_for("encode") == "vllm"
+    assert Settings(encode_engine="vllm").engine_for("pd") == "epd"
+    with pytest.raises(ValueError, match="'tgi'"):
+        Settings(encode_engine="tgi")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Protocol
 
 import nats
 from epd.connectors.ec import ECConnector
@@ -24,16 +25,21 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
-class ImageEncoder:
-    """A process's image encoding: several requests' images in one forward (packed, any sizes),
-    and each image key encoded once at a time: a request whose image this process is already
-    encoding for another request waits for that encode instead of repeating it."""
+class Producer(Protocol):
+    """An engine's image encoding: embeddings computed and saved under their keys, before `produce` returns."""
 
-    def __init__(self, family: Family, ec: ECConnector, max_batch: int, images: ImageStore, landed: Landed) -> None:
-        self.ec, self.images, self.landed = ec, images, landed
+    async def produce(self, keys: list[str], pictures: list[Image.Image]) -> list[ImageEmbedding]:
+        """Encode `pictures` (one per key) and save each in the encoder cache; their refs, in order."""
+        ...
+
+
+class FamilyEncoder:
+    """epd's engine: the family's vision tower, several requests' images in one forward (packed, any sizes)."""
+
+    def __init__(self, family: Family, ec: ECConnector, max_batch: int) -> None:
+        self.ec = ec
         self.batcher = MicroBatcher(self._run, max_batch, "encode")
         self._family = family
-        self._inflight: dict[str, asyncio.Future] = {}  # key -> its ImageEmbedding, or None if that encode failed
 
     def _run(self, requests: list[list[Image.Image]]) -> list[list[Encoded]]:
         encoded = self._family.encode([image for images in requests for image in images])
@@ -42,6 +48,34 @@ class ImageEncoder:
             parts.append(encoded[at : at + len(images)])
             at += len(images)
         return parts
+
+    async def produce(self, keys: list[str], pictures: list[Image.Image]) -> list[ImageEmbedding]:
+        with tracer().start_as_current_span(
+            "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
+        ) as span:
+            try:
+                encoded, batch = await self.batcher.submit(pictures)
+                span.set_attribute("epd.batch", batch)
+            except ImageRejected as e:
+                raise RequestFailed(400, f"the images could not be processed: {e}") from None
+        with tracer().start_as_current_span("ec.save", attributes={"epd.images": len(keys)}) as span:
+            saved = await self.ec.save_many(
+                [(key, enc.embedding, enc.grid_thw) for key, enc in zip(keys, encoded, strict=True)]
+            )
+            nbytes = sum(ref.tensor.nbytes for ref in saved if ref.tensor)
+            span.set_attribute("epd.bytes", nbytes)
+            metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
+        return saved
+
+
+class ImageEncoder:
+    """A process's image encoding, on an engine (`Producer`), and each image key encoded once at a time: a
+    request whose image this process is already encoding for another request waits for that encode instead of
+    repeating it."""
+
+    def __init__(self, producer: Producer, ec: ECConnector, images: ImageStore, landed: Landed) -> None:
+        self.producer, self.ec, self.images, self.landed = producer, ec, images, landed
+        self._inflight: dict[str, asyncio.Future] = {}  # key -> its ImageEmbedding, or None if that encode failed
 
     async def encode(self, job: EncodeJob) -> list[ImageEmbedding]:
         """Encode `job.missing` and save each; refs for every image of the request."""
@@ -81,24 +115,11 @@ class ImageEncoder:
         if not missing:
             return
         pictures = await self._fetch(job, missing)
-        with tracer().start_as_current_span(
-            "encode", attributes={"epd.images": len(pictures), "epd.pixels": sum(p.width * p.height for p in pictures)}
-        ) as span:
-            try:
-                encoded, batch = await self.batcher.submit(pictures)
-                span.set_attribute("epd.batch", batch)
-            except ImageRejected as e:
-                raise RequestFailed(400, f"the images could not be processed: {e}") from None
-        with tracer().start_as_current_span("ec.save", attributes={"epd.images": len(missing)}) as span:
-            saved = await self.ec.save_many(
-                [(job.keys[i], enc.embedding, enc.grid_thw) for i, enc in zip(missing, encoded, strict=True)]
-            )
-            nbytes = sum(ref.tensor.nbytes for ref in saved if ref.tensor)
-            span.set_attribute("epd.bytes", nbytes)
-            metrics.CONNECTOR_BYTES.labels("ec", "save").inc(nbytes)
+        keys = [job.keys[i] for i in missing]
+        saved = await self.producer.produce(keys, pictures)
         for i, ref in zip(missing, saved, strict=True):
             refs[i] = ref
-        await self.landed.announce([job.keys[i] for i in missing])  # prefill workers waiting for them wake
+        await self.landed.announce(keys)  # prefill workers waiting for them wake
 
     async def _fetch(self, job: EncodeJob, indexes: list[int]) -> list[Image.Image]:
         """The images to encode, from the image store (only these: not the request's others), decoded."""
@@ -121,11 +142,12 @@ class EncodeStage:
     subject = subjects.ENCODE
     message_type = EncodeJob
 
-    def __init__(self, rt: Runtime, family: Family, ec: ECConnector) -> None:
-        self.rt, self.family, self.ec = rt, family, ec
+    def __init__(self, rt: Runtime, producer: Producer, ec: ECConnector) -> None:
+        """`producer`: the engine that encodes (`FamilyEncoder`, or vLLM's in workers/vllm_encode.py)."""
+        self.rt, self.ec = rt, ec
         self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
         images = ImageStore(rt.js, rt.settings.image_ttl_s)
-        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images, rt.landed)
+        self.encoder = ImageEncoder(producer, ec, images, rt.landed)
         self._claims: KeyValue | None = None
 
     async def handle(self, job: EncodeJob) -> None:

@@ -14,19 +14,26 @@ from epd.core.tracing import setup_tracing
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.loop import StageLoop
-from epd.workers.roles import Role, build_role, weights_for
+from epd.workers.roles import build_role, weights_for
 
 log = logging.getLogger(__name__)
 
 
+def _exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 async def run_worker(role: str, settings: Settings) -> None:
     provider = setup_tracing(f"epd-{role}", settings)
-    if settings.engine == "vllm" and role in ("pd", "epd"):  # vLLM loads the model: epd's engine stays unloaded
-        from epd.workers.vllm_engine import vllm_stages
+    if settings.engine_for(role) == "vllm":  # vLLM loads the model: epd's engine stays unloaded
+        from epd.workers.vllm_engine import vllm_role
 
         weights = "vllm"
+        # Until the graceful handlers below: SIGTERM unwinds (SystemExit), so vLLM's finalizers stop the engine
+        # process it is starting; the default action would leave that process behind.
+        signal.signal(signal.SIGTERM, _exit)
         rt = await Runtime.start(settings, name=f"epd-{role}")
-        parts = Role(await vllm_stages(role, rt))
+        parts = await vllm_role(role, rt)
     else:
         ckpt = Checkpoint.open(settings.model)
         weights = weights_for(role, settings)  # the half of the model this role runs, or all of it
@@ -62,6 +69,8 @@ async def run_worker(role: str, settings: Settings) -> None:
         stopping.set()
         await asyncio.gather(beating, *background)
         await rt.close()
+        if parts.shutdown is not None:
+            parts.shutdown()
         if parts.store is not None:
             parts.store.close()
         if provider is not None:

@@ -22,7 +22,7 @@ from epd.schemas.request import Request
 from epd.workers.decode import Decoder, Generation, chunk, prime_text
 from epd.workers.decode_batch import finish_reason
 from epd.workers.decoder_choice import DecoderPicker
-from epd.workers.encode import ImageEncoder
+from epd.workers.encode import FamilyEncoder, ImageEncoder
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.detokenizer import Detokenizer
 from epd.workers.engine.family import Encoded, Family, Prefilled
@@ -69,7 +69,8 @@ class PrefillStage:
         self.eos = ckpt.eos_token_ids()
         self.max_len = ckpt.max_model_len()
         images = ImageStore(rt.js, rt.settings.image_ttl_s)
-        self.encoder = ImageEncoder(family, ec, rt.settings.max_batch, images, rt.landed)  # inline encoding
+        producer = FamilyEncoder(family, ec, rt.settings.max_batch)
+        self.encoder = ImageEncoder(producer, ec, images, rt.landed)  # inline encoding
         # padded tokens in one forward at most: a long prompt is not batched with short ones
         self.batcher = MicroBatcher(
             self._forward,

@@ -32,7 +32,7 @@ from epd.core.config import Settings
 from epd.core.runtime import Runtime
 from epd.workers.decode import Decoder, DecodeStage
 from epd.workers.decoder_choice import DIRECT_INACTIVE_S, DecoderPicker, decoder_durable, rescue_loop
-from epd.workers.encode import EncodeStage
+from epd.workers.encode import EncodeStage, FamilyEncoder
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Family
 from epd.workers.engine.weights import Parts
@@ -42,11 +42,13 @@ from epd.workers.prefill import LocalDecode, PrefillStage, RemoteDecode
 
 @dataclass
 class Role:
-    """What a worker process runs: stage loops, background tasks (run until `stop` is set), a store to close."""
+    """What a worker process runs: stage loops, background tasks (run until `stop` is set), a store to close,
+    and an engine to stop once the stages have drained (vLLM's, whose engine runs in a process of its own)."""
 
     stages: list[Stage]
     store: MooncakeStore | None = None
     background: list[Callable[[asyncio.Event], Awaitable[None]]] = field(default_factory=list)
+    shutdown: Callable[[], None] | None = None
 
 
 def text_lane(prefill: PrefillStage) -> Lane:
@@ -64,10 +66,13 @@ def weights_for(role: str, settings: Settings) -> Parts:
     return "all"
 
 
-def ec_connector(settings: Settings, store: MooncakeStore) -> ECConnector:
-    """The shared encoder cache `EPD_EC_BACKEND` names (the epd role keeps its own in process)."""
+def ec_connector(settings: Settings, store: MooncakeStore | None) -> ECConnector:
+    """The shared encoder cache `EPD_EC_BACKEND` names (the epd role keeps its own in process); `store`: the
+    process's Mooncake Store client, which the shared-dir backend does without."""
     if settings.ec_backend == "shared-dir":
         return SharedDirECConnector(settings.ec_dir, int(settings.ec_capacity_mb * 2**20), settings.verify_checksums)
+    if store is None:
+        raise ValueError("EPD_EC_BACKEND=mooncake needs a Mooncake Store client")
     return MooncakeECConnector(store, settings.verify_checksums)
 
 
@@ -79,7 +84,8 @@ def build_role(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> Role
         return Role([prefill, text_lane(prefill)])
     store = MooncakeStore(rt.settings)
     if role == "encode":
-        return Role([EncodeStage(rt, family, ec_connector(rt.settings, store))], store)
+        ec = ec_connector(rt.settings, store)
+        return Role([EncodeStage(rt, FamilyEncoder(family, ec, rt.settings.max_batch), ec)], store)
     settings = rt.settings
     if role == "prefill":
         kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)

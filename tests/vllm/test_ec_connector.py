@@ -87,7 +87,10 @@ def test_producer_saves_what_vllm_encoded_in_epds_format(
 
 
 def connector(role: ECConnectorRole, ec_role: str, extra: dict[str, Any]) -> EpdECConnector:
-    config = VllmConfig(ec_transfer_config=ECTransferConfig(ec_connector="EpdECConnector", ec_role=ec_role))
+    # a producer alone validates only with a multimodal model (it runs as an encoder): set the role afterwards,
+    # the connector reads nothing else of the config
+    config = VllmConfig(ec_transfer_config=ECTransferConfig(ec_connector="EpdECConnector", ec_role="ec_both"))
+    config.ec_transfer_config.ec_role = ec_role
     config.ec_transfer_config.ec_connector_extra_config = extra
     return EpdECConnector(config, role)
 
@@ -161,3 +164,45 @@ def test_consumer_waits_while_epd_encodes_the_image(tmp_path: Path, nats_server:
         assert scheduler.ensure_cache_available(request([key]), 0)  # landed: load it
     finally:
         scheduler.shutdown()
+
+
+def test_an_encoder_saves_again_what_vllm_serves_from_its_own_cache(tmp_path: Path) -> None:
+    """An image vLLM encoded for an earlier request is served from vLLM's encoder cache (no `save_caches`): a
+    producer alone saves it again from there before the step (it is asked to encode only what epd's cache lacks or
+    holds damaged); `ec_both` only if epd's cache lacks it."""
+    extra = {"ec_backend": "shared-dir", "ec_dir": str(tmp_path)}
+    store = SharedDirECConnector(tmp_path, 1 << 30)
+    for ec_role in ("ec_producer", "ec_both"):
+        scheduler = connector(ECConnectorRole.SCHEDULER, ec_role, extra)
+        worker = connector(ECConnectorRole.WORKER, ec_role, extra)
+        try:
+            embedding, key = torch.randn(4, 256), f"img-{ec_role}"
+            worker.bind_connector_metadata(EpdECMetadata(grids={key: [1, 4, 4]}))
+            worker.save_caches({key: embedding}, key)  # the first request: encoded and saved
+            worker.clear_connector_metadata()
+            cache = {key: embedding}  # vLLM keeps it
+
+            step = SimpleNamespace(scheduled_new_reqs=[request([key, "img-new"])])
+            grid = SimpleNamespace(get_data=lambda: {"image_grid_thw": [1, 2, 2]})
+            new = SimpleNamespace(identifier="img-new", data=grid)
+            scheduler.update_state_after_alloc(SimpleNamespace(mm_features=[new]), 0)
+            meta = scheduler.build_connector_meta(step)  # the second request: only img-new is encoded
+            assert meta.republish == [key]
+
+            asyncio.run(store.save(key, torch.zeros(4, 256), [1, 4, 4]))  # damaged, as far as epd knows
+            worker.bind_connector_metadata(meta)
+            worker.start_save_caches(encoder_cache=cache)
+            worker.clear_connector_metadata()
+            saved = asyncio.run(store.load(key))
+            assert saved is not None
+            assert torch.equal(saved[0], embedding) == (ec_role == "ec_producer")
+
+            (tmp_path / f"{key}.safetensors").unlink()  # lost: ec_both saves it too
+            worker.bind_connector_metadata(meta)
+            worker.start_save_caches(encoder_cache=cache)
+            worker.clear_connector_metadata()
+            saved = asyncio.run(store.load(key))
+            assert saved is not None and torch.equal(saved[0], embedding) and saved[1] == [1, 4, 4]
+        finally:
+            scheduler.shutdown()
+            worker.shutdown()

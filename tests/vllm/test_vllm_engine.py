@@ -1,6 +1,6 @@
-"""`--engine vllm`: vLLM's AsyncLLM inside epd's pd and epd workers, behind epd's gateway (and, in e-pd, epd's
-encoders, the embeddings through EpdECConnector on Mooncake Store). The oracle: vLLM's own offline greedy
-answer on the same checkpoint, chat template and image."""
+"""`--engine vllm`: vLLM's AsyncLLM inside epd's pd and epd workers, behind epd's gateway (and, in e-pd, encode
+workers on vLLM too: vLLM's encoder saves, vLLM's pd loads, through EpdECConnector on Mooncake Store). The
+oracle: vLLM's own offline greedy answer on the same checkpoint, chat template and image."""
 
 from __future__ import annotations
 
