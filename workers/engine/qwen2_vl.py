@@ -42,6 +42,7 @@ class Qwen2VL(Family):
         self.image_token_id = int(self.config.image_token_id)
         self.merge = int(self.config.vision_config.spatial_merge_size)
         self.preprocessor = self._preprocessor(preprocess)
+        self._stream: torch.cuda.Stream | None = None  # CUDA: the stream images are uploaded and preprocessed on
 
     def _preprocessor(self, preprocess: str) -> TorchImageProcessor | None:
         """The torch preprocessing, or None for the image processor (the CPU's default: the oracle's own path)."""
@@ -62,7 +63,23 @@ class Qwen2VL(Family):
     @torch.inference_mode()
     def prepare(self, images: list[Image.Image | np.ndarray]) -> tuple[torch.Tensor, list[list[int]]]:
         """pixel_values (patches of every image, C*T*P*P) on the device in the tower's dtype, and each image's grid.
-        Images: RGB pictures, or (H, W, 3) uint8 arrays (the torch path takes these without a PIL round trip)."""
+        Images: RGB pictures, or (H, W, 3) uint8 arrays (the torch path takes these without a PIL round trip).
+
+        On CUDA the upload and the preprocessing run on a stream of their own and are complete on return: the
+        encoder prepares the next batch in another thread while the current one's forward holds the default
+        stream, and neither waits for the other."""
+        if self.device.type != "cuda":
+            return self._prepare(images)
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._stream):
+            pixels, grids = self._prepare(images)
+        self._stream.synchronize()
+        # the tower reads it on the default stream: its memory is not reused before that reading is done
+        pixels.record_stream(torch.cuda.default_stream(self.device))
+        return pixels, grids
+
+    def _prepare(self, images: list[Image.Image | np.ndarray]) -> tuple[torch.Tensor, list[list[int]]]:
         try:
             if self.preprocessor is not None:
                 return self.preprocessor([np.asarray(im) for im in images])
