@@ -30,7 +30,8 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 PIXEL_ATOL, PIXEL_SHARE, PIXEL_MEAN = 0.5, 0.01, 1e-3
 EMBEDDING_RTOL = 0.02  # of the embeddings' largest magnitude
 SIZES = [(448, 448), (1024, 1024), (300, 200), (57, 58), (224, 225), (1000, 30), (2000, 1500), (640, 480),
-         (480, 640), (123, 457), (20, 3000), (30, 40), (56, 84), (10, 60), (97, 1300), (40, 30), (50, 70), (14, 200)]  # fmt: skip
+         (480, 640), (123, 457), (20, 3000), (30, 40), (56, 84), (10, 60), (97, 1300), (40, 30), (50, 70),
+         (14, 200)]  # fmt: skip
 PROCESSORS = {
     "demo": dict(min_pixels=3136, max_pixels=19600),
     "qwen2.5-vl": dict(min_pixels=56 * 56, max_pixels=28 * 28 * 1280),
