@@ -7,6 +7,12 @@ and inputs (transformers run one request at a time, as a server without batching
 - encoder images/s at 448x448 and 1024x1024: our vision tower (`vision.py`) and transformers', each packed
   (one forward for the whole batch) and one image at a time on the same pixels, and `encode` (the image
   processor, then our packed forward);
+- encoder images/s from image bytes (JPEG) to an embedding in the encoder cache's staging buffer (host memory
+  that `write_entry` fills as the Mooncake connector does, one copy from the device, checksummed there): ours
+  with the torch preprocessing on the device (`image_preprocess.py`), packed, one image at a time, and through
+  the encoder's pipelined batcher (decode + preprocess of the next batch while the current one runs); beside
+  transformers' tower after its image processor (PIL on the CPU), packed and one at a time, on the same bytes;
+  with the torch pixels' distance from the processor's;
 - prefill tokens/s: `prefill_batch` over 8 prompts of 1,024 tokens (one packed forward, our
   language model) against transformers' forward (what `generate` does first) one prompt at a time;
 - decode tokens/s at 1, 32 and 64 concurrent sequences of 512-token prompts, 128 new tokens: the
@@ -18,14 +24,17 @@ and inputs (transformers run one request at a time, as a server without batching
 A line is printed as each phase starts and ends.
 
     python bench/engine_gpu.py [--layers 28] [--new-tokens 128] [--encoder-only] [--out bench/results/engine_gpu.json]
+    python bench/engine_gpu.py --device cpu --small      # a check that the encoder part runs, on the CPU
 
-`--layers` below 28 makes a quick smoke run; `--encoder-only` stops after the encoder figures. Needs a CUDA device.
+`--layers` below 28 makes a quick smoke run; `--encoder-only` stops after the encoder figures. Needs a CUDA device,
+except with `--device cpu --small`: a tiny random model, small images, the encoder figures only.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import platform
 import statistics
@@ -78,15 +87,20 @@ def qwen2_5_vl_7b_config(layers: int = 28) -> Any:
     )
 
 
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def cuda_time(fn: Any, repeat: int = 3) -> float:
     """Median seconds of `fn()` after one warm-up, synchronized around each run."""
     fn()
     times = []
     for _ in range(repeat):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -110,11 +124,16 @@ def bench_encoder(family: Any, side: int, n: int) -> dict[str, float]:
     images = noise_images(n, side, side)
     visual = family.model.model.visual
     batch = family.ckpt.image_processor(images=images, return_tensors="pt")
-    pixels = batch["pixel_values"].to("cuda", torch.bfloat16)
-    grid = batch["image_grid_thw"].to("cuda")
+    dev, dtype = family.device, family.dtype
+    pixels = batch["pixel_values"].to(dev, dtype)
+    grid = batch["image_grid_thw"].to(dev)
     grids = grid.tolist()
     per_image = [family.ckpt.image_processor(images=[im], return_tensors="pt") for im in images]
-    singles = [(b["pixel_values"].to("cuda", torch.bfloat16), b["image_grid_thw"].to("cuda")) for b in per_image]
+    singles = [(b["pixel_values"].to(dev, dtype), b["image_grid_thw"].to(dev)) for b in per_image]
+
+    def with_processor() -> None:
+        b = family.ckpt.image_processor(images=images, return_tensors="pt")
+        family.encode_prepared(b["pixel_values"].to(dev, dtype), b["image_grid_thw"].tolist())
 
     def theirs_naive() -> None:
         with torch.inference_mode():
@@ -139,14 +158,118 @@ def bench_encoder(family: Any, side: int, n: int) -> dict[str, float]:
         got = family.vision(pixels, grids).float()
     return {
         "images": n,
+        "side": side,
         "tokens_per_image": int(grid[0].prod()) // 4,
         "ours_packed_images_per_s": n / cuda_time(ours_packed),
         "ours_one_at_a_time_images_per_s": n / cuda_time(ours_naive),
         "naive_images_per_s": n / cuda_time(theirs_naive),
         "packed_forward_images_per_s": n / cuda_time(theirs_packed),  # transformers' tower, packed (the old figure)
-        "encode_with_processor_images_per_s": n / cuda_time(lambda: family.encode(images)),
+        "encode_with_processor_images_per_s": n / cuda_time(with_processor),
+        "encode_with_torch_preprocessing_images_per_s": n / cuda_time(lambda: family.encode(images)),
         "ours_vs_theirs_relative_error": ((got - want).norm() / want.norm()).item(),
     }
+
+
+def jpeg_images(n: int, side: int, seed: int) -> list[bytes]:
+    """Noise images as JPEG bytes (quality 90): what a client sends, decoded by the encoder."""
+    out = []
+    for im in noise_images(n, side, seed):
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
+
+
+class Staging:
+    """The encoder cache's staging buffer: host memory (pinned beside a GPU) that each embedding is written into
+    as the Mooncake connector writes it (`write_entry`: one copy from the device, the checksum, the header)."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+
+    def save(self, keys: list[str], embeddings: list[torch.Tensor], grids: list[list[int]]) -> int:
+        from epd.connectors.ec import entry_room, write_entry
+
+        at = 0
+        for key, emb, grid in zip(keys, embeddings, grids, strict=True):
+            room = entry_room(key, emb, grid)
+            write_entry(self.buf[at : at + room], key, emb, grid)
+            at += room
+        return at
+
+
+def bench_bytes_to_embedding(family: Any, side: int, n: int, max_batch: int = 8) -> dict[str, Any]:
+    """Images/s from JPEG bytes to embeddings in the staging buffer: ours (torch preprocessing on the device,
+    our tower) packed, one at a time and through the pipelined batcher; transformers' (its image processor, its
+    tower) packed and one at a time; and how far the torch pixels sit from the processor's."""
+    from epd.core.images import open_image
+    from epd.workers.micro_batch import MicroBatcher
+
+    data = jpeg_images(n, side, side + 1)
+    keys = [f"img{i}" for i in range(n)]
+    visual, processor = family.model.model.visual, family.ckpt.image_processor
+    dev = family.device
+    sample = family.encode([open_image(data[0])])[0].embedding
+    staging = Staging(n * (sample.numel() * sample.element_size() + 4096))
+
+    def decode(items: list[bytes]) -> list[np.ndarray]:
+        return [np.asarray(open_image(d, i)) for i, d in enumerate(items)]
+
+    def ours(idx: list[int]) -> None:
+        with torch.inference_mode():
+            encoded = family.encode_prepared(*family.prepare(decode([data[i] for i in idx])))
+            sync()
+            staging.save([keys[i] for i in idx], [e.embedding for e in encoded], [e.grid_thw for e in encoded])
+
+    def theirs(idx: list[int]) -> None:
+        with torch.inference_mode():
+            batch = processor(images=[open_image(data[i], i) for i in idx], return_tensors="pt")
+            grid = batch["image_grid_thw"].to(dev)
+            merged = visual(batch["pixel_values"].to(dev, family.dtype), grid_thw=grid).pooler_output
+            sizes = (grid.prod(-1) // 4).tolist()
+            staging.save([keys[i] for i in idx], list(torch.split(merged, sizes)), batch["image_grid_thw"].tolist())
+
+    def pipelined() -> None:
+        def prepare(items: list[int]) -> tuple:
+            return family.prepare(decode([data[i] for i in items])), items
+
+        def run(prepared: tuple) -> list[None]:
+            (pixels, grids), items = prepared
+            with torch.inference_mode():
+                encoded = family.encode_prepared(pixels, grids)
+                sync()
+                staging.save([keys[i] for i in items], [e.embedding for e in encoded], grids)
+            return [None] * len(items)
+
+        async def all_of_them() -> None:
+            batcher = MicroBatcher(run, max_batch, "bench", prepare=prepare)
+            await asyncio.gather(*(batcher.submit(i) for i in range(n)))
+
+        asyncio.run(all_of_them())
+
+    everything = list(range(n))
+    want = processor(images=[open_image(d) for d in data], return_tensors="pt")["pixel_values"]
+    got = float32_pixels(family, decode(data)).cpu()  # the torch path's pixels before the cast to the tower's dtype
+    return {
+        "images": n,
+        "side": side,
+        "image_bytes": sum(len(d) for d in data),
+        "torch_preprocessing": family.preprocessor is not None,
+        "torch_pixels_equal_processor": torch.equal(got, want),
+        "torch_pixels_max_abs_diff": (got - want).abs().max().item(),
+        "ours_packed_images_per_s": n / cuda_time(lambda: ours(everything)),
+        "ours_one_at_a_time_images_per_s": n / cuda_time(lambda: [ours([i]) for i in everything]),
+        "ours_pipelined_images_per_s": n / cuda_time(pipelined),
+        "theirs_packed_images_per_s": n / cuda_time(lambda: theirs(everything)),
+        "theirs_one_at_a_time_images_per_s": n / cuda_time(lambda: [theirs([i]) for i in everything]),
+    }
+
+
+def float32_pixels(family: Any, images: list[np.ndarray]) -> torch.Tensor:
+    """The torch path's float32 pixel values of these images (as the processor gives them, before any cast)."""
+    from epd.workers.engine.image_preprocess import Settings, TorchImageProcessor
+
+    return TorchImageProcessor(Settings.of(family.ckpt.image_processor), family.device, torch.float32)(images)[0]
 
 
 def bench_prefill(family: Any, prompts: int, tokens: int) -> dict[str, float]:
@@ -303,9 +426,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 32, 64])
     p.add_argument("--out", type=Path, default=OUT)
     p.add_argument("--encoder-only", action="store_true")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    p.add_argument("--small", action="store_true", help="a tiny random model and small images (a check that it runs)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("engine_gpu.py needs a CUDA device")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("engine_gpu.py needs a CUDA device (or --device cpu --small)")
+    if args.device == "cpu":
+        if not args.small:
+            raise SystemExit("--device cpu runs only with --small: the 7B shapes are for a GPU")
+        args.encoder_only = True
     from epd.workers.engine.attention import triton_kernels
     from epd.workers.engine.checkpoint import Checkpoint
     from epd.workers.engine.qwen2_5_vl import Qwen25VL
@@ -314,11 +443,19 @@ def main(argv: list[str] | None = None) -> int:
 
     phase("building the model")
     torch.manual_seed(0)
-    config = qwen2_5_vl_7b_config(args.layers)
-    with torch.device("cuda"):
-        model = AutoModelForImageTextToText.from_config(config, dtype=torch.bfloat16).eval()
+    dtype = "bfloat16" if args.device == "cuda" else "float32"
+    if args.small:
+        from epd.tools.tiny_model import qwen2_5_vl_config
+
+        config = qwen2_5_vl_config(400, 64, 2)
+    else:
+        config = qwen2_5_vl_7b_config(args.layers)
+    with torch.device(args.device):
+        model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype)).eval()
     ckpt = Checkpoint(Path("."), config, None, Qwen2VLImageProcessorPil(), "")
-    family = Qwen25VL(ckpt, device="cuda", dtype="bfloat16", model=model)  # ours, with a copy of the weights
+    # ours, with a copy of the weights; images preprocessed by torch on the device (bench_encoder times both)
+    family = Qwen25VL(ckpt, device=args.device, dtype=dtype, model=model, preprocess="torch")
+    sizes = [(112, 4), (224, 2)] if args.small else [(448, 32), (1024, 8)]
     text_bytes = sum(
         p.numel() * p.element_size()
         for n, p in family.text.named_parameters()
@@ -326,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     kv_token = family.kv_layout().bytes_per_token()
     results: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+        "model": "tiny random Qwen2.5-VL (--small)" if args.small else "Qwen2.5-VL-7B's shape, random weights",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "text_layers": args.layers,
@@ -334,6 +472,20 @@ def main(argv: list[str] | None = None) -> int:
         "language_weight_bytes_read_per_step": text_bytes,
         "kv_bytes_per_token": kv_token,
     }
+    phase("encoder")
+    results["encoder"] = [bench_encoder(family, side, n) for side, n in sizes]
+    for e in results["encoder"]:
+        phase(f"encoder: {e}")
+    phase("encoder, image bytes to embeddings in the staging buffer")
+    results["bytes_to_embedding"] = [bench_bytes_to_embedding(family, side, n) for side, n in sizes]
+    for e in results["bytes_to_embedding"]:
+        phase(f"bytes to embedding: {e}")
+    if args.encoder_only:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(encoder_table(results))
+        print(bytes_table(results))
+        return 0
     phase("bandwidth")
     bw = bandwidth()
     results["bandwidth_gb_per_s"] = bw / 1e9
@@ -343,15 +495,6 @@ def main(argv: list[str] | None = None) -> int:
         return (text_bytes + batch * context * kv_token) / bw * 1e3
 
     phase(f"{results['device']}: copy {bw / 1e9:.0f} GB/s; weight-read bound {results['weight_read_bound_ms']:.2f} ms")
-    phase("encoder")
-    results["encoder"] = [bench_encoder(family, 448, 32), bench_encoder(family, 1024, 8)]
-    for e in results["encoder"]:
-        phase(f"encoder: {e}")
-    if args.encoder_only:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
-        print(encoder_table(results))
-        return 0
     phase("prefill")
     results["prefill"] = bench_prefill(family, 8, 1024)
     phase(f"prefill: {results['prefill']}")
@@ -366,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    print(bytes_table(results))
     return 0
 
 
@@ -384,7 +528,7 @@ def table(r: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for e in r["encoder"]:
-        side = "448x448" if e["tokens_per_image"] < 1000 else "1024x1024"
+        side = f"{e['side']}x{e['side']}"
         lines.append(
             f"| encoder {side}, images/s (our tower packed; "
             f"with processor {e['encode_with_processor_images_per_s']:.1f}) "
@@ -416,18 +560,36 @@ def table(r: dict[str, Any]) -> str:
 
 def encoder_table(r: dict[str, Any]) -> str:
     lines = [
-        f"{r['device']}, torch {r['torch']}, Qwen2.5-VL-7B vision tower, bf16, attention {r['attention']}",
+        f"{r['device']}, torch {r['torch']}, {r['model']}, vision tower, attention {r['attention']}",
         "| image | ours packed | ours one at a time | transformers packed | transformers one at a time "
-        "| ours with processor | ours vs theirs (rel. error) |",
-        "|---|---|---|---|---|---|---|",
+        "| ours with processor | ours with torch preprocessing | ours vs theirs (rel. error) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for e in r["encoder"]:
-        side = "448x448" if e["tokens_per_image"] < 1000 else "1024x1024"
+        side = f"{e['side']}x{e['side']}"
         lines.append(
             f"| {side} x {e['images']} | {e['ours_packed_images_per_s']:.1f} "
             f"| {e['ours_one_at_a_time_images_per_s']:.1f} "
             f"| {e['packed_forward_images_per_s']:.1f} | {e['naive_images_per_s']:.1f} "
-            f"| {e['encode_with_processor_images_per_s']:.1f} | {e['ours_vs_theirs_relative_error']:.1e} |"
+            f"| {e['encode_with_processor_images_per_s']:.1f} "
+            f"| {e['encode_with_torch_preprocessing_images_per_s']:.1f} | {e['ours_vs_theirs_relative_error']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+def bytes_table(r: dict[str, Any]) -> str:
+    lines = [
+        "image bytes (JPEG) -> embedding in the staging buffer, images/s",
+        "| image | ours packed | ours one at a time | ours pipelined batcher | transformers packed "
+        "| transformers one at a time | torch pixels = processor's (max abs diff) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for e in r["bytes_to_embedding"]:
+        lines.append(
+            f"| {e['side']}x{e['side']} x {e['images']} | {e['ours_packed_images_per_s']:.1f} "
+            f"| {e['ours_one_at_a_time_images_per_s']:.1f} | {e['ours_pipelined_images_per_s']:.1f} "
+            f"| {e['theirs_packed_images_per_s']:.1f} | {e['theirs_one_at_a_time_images_per_s']:.1f} "
+            f"| {e['torch_pixels_equal_processor']} ({e['torch_pixels_max_abs_diff']:.2e}) |"
         )
     return "\n".join(lines)
 

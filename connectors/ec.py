@@ -14,8 +14,16 @@ import struct
 from abc import ABC, abstractmethod
 
 import msgspec
+import numpy as np
 import torch
-from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, host_bytes
+from epd.connectors.tensors import (
+    TensorIntegrityError,
+    copy_to_host,
+    dtype_name,
+    from_bytes,
+    handle_for,
+    host_bytes,
+)
 from epd.schemas.common import ImageEmbedding, TensorHandle
 
 
@@ -64,6 +72,33 @@ def entry_parts(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> tuple
         flat,
         ImageEmbedding(key=key, grid_thw=list(grid_thw), tensor=handle),
     )
+
+
+_MAX_CHECKSUM = 2**64 - 1  # the header's longest encoding: a checksum needing all 8 bytes
+
+
+def entry_room(key: str, embedding: torch.Tensor, grid_thw: list[int]) -> int:
+    """Bytes `write_entry` needs for an entry: the tensor and the longest header it can have."""
+    nbytes = embedding.numel() * embedding.element_size()
+    longest = TensorHandle(key, list(embedding.shape), dtype_name(embedding.dtype), nbytes, _MAX_CHECKSUM)
+    return 4 + len(_meta_encoder.encode(_Meta(tensor=longest, grid_thw=list(grid_thw)))) + nbytes
+
+
+def write_entry(
+    slot: torch.Tensor, key: str, embedding: torch.Tensor, grid_thw: list[int]
+) -> tuple[torch.Tensor, ImageEmbedding]:
+    """`entry_parts`' value written into `slot` (host uint8 of `entry_room` bytes) with one copy of the tensor,
+    from whatever device it is on: the tensor goes to the slot's end, its checksum is taken there, and the header
+    (whose length depends on the checksum) is written just before it. Returns the value (a suffix of `slot`)."""
+    nbytes = embedding.numel() * embedding.element_size()
+    flat = slot[slot.numel() - nbytes :]
+    copy_to_host(flat, embedding)  # the one copy: device (or host) memory -> the slot
+    handle = handle_for(key, embedding, flat.numpy())
+    header = _meta_encoder.encode(_Meta(tensor=handle, grid_thw=list(grid_thw)))
+    start = slot.numel() - nbytes - len(header) - 4
+    value = slot[start:]
+    value[: 4 + len(header)].numpy()[:] = np.frombuffer(struct.pack("<I", len(header)) + header, dtype=np.uint8)
+    return value, ImageEmbedding(key=key, grid_thw=list(grid_thw), tensor=handle)
 
 
 def unpack_entry(value: bytes, verify: bool = True) -> tuple[torch.Tensor, list[int]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from epd.connectors.ec import ECConnector, entry_parts, unpack_entry
+from epd.connectors.ec import ECConnector, entry_room, unpack_entry, write_entry
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.tensors import TensorIntegrityError
 from epd.schemas.common import ImageEmbedding
@@ -30,11 +30,21 @@ class MooncakeECConnector(ECConnector):
 
     async def save_many(self, entries: list[tuple[str, torch.Tensor, list[int]]]) -> list[ImageEmbedding]:
         """One batched upsert (not put: a stale value must not stay) from the store's registered buffer:
-        each embedding is copied once, into it."""
-        parts = [entry_parts(key, embedding, grid) for key, embedding, grid in entries]
-        keys = [KEY_PREFIX + key for key, _, _ in entries]
-        await self._store.upsert_many(keys, [[header, flat] for header, flat, _ in parts])
-        return [ref for *_, ref in parts]
+        each embedding is copied once, from wherever it is (device memory too) into it, and checksummed there."""
+        last = {key: (key, embedding, grid) for key, embedding, grid in entries}  # a key twice: its last entry
+        unique = list(last.values())
+        refs: dict[str, ImageEmbedding] = {}
+
+        def write(slots: list[torch.Tensor]) -> list[torch.Tensor]:
+            values = []
+            for slot, (key, embedding, grid) in zip(slots, unique, strict=True):
+                value, refs[key] = write_entry(slot, key, embedding, grid)
+                values.append(value)
+            return values
+
+        rooms = [entry_room(key, embedding, grid) for key, embedding, grid in unique]
+        await self._store.upsert_written([KEY_PREFIX + key for key, _, _ in unique], rooms, write)
+        return [refs[key] for key, _, _ in entries]
 
     async def load_many(self, keys: list[str]) -> list[tuple[torch.Tensor, list[int]] | None]:
         """One batched read into the store's registered buffer."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import numpy as np
@@ -103,15 +103,40 @@ class MooncakeStore:
             await asyncio.to_thread(self._upsert_many, keys, values)
 
     def _upsert_many(self, keys: list[str], values: list[list[bytes | torch.Tensor]]) -> None:
-        sizes = [sum(_nbytes(p) for p in parts) for parts in values]
-        with self._room(sum(sizes)) as (room, base):
-            at, ptrs = 0, []
-            for parts in values:
-                ptrs.append(base + at)
+        def write(slots: list[torch.Tensor]) -> list[torch.Tensor]:
+            for slot, parts in zip(slots, values, strict=True):
+                at = 0
                 for part in parts:
                     n = _nbytes(part)
-                    _copy_into(room[at : at + n], part)
+                    _copy_into(slot[at : at + n], part)
                     at += n
+            return slots
+
+        self._upsert_written(keys, [sum(_nbytes(p) for p in parts) for parts in values], write)
+
+    async def upsert_written(
+        self, keys: list[str], rooms: list[int], write: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    ) -> None:
+        """Write several keys whose values `write` puts straight into registered memory (no staging copy of
+        the caller's own): it gets one host uint8 slot of `rooms[i]` bytes per key and returns each key's value,
+        a slice of its slot. The keys must differ."""
+        if len(set(keys)) < len(keys):
+            raise ValueError("upsert_written: a key is named twice")
+        if keys:
+            await asyncio.to_thread(self._upsert_written, keys, rooms, write)
+
+    def _upsert_written(
+        self, keys: list[str], rooms: list[int], write: Callable[[list[torch.Tensor]], list[torch.Tensor]]
+    ) -> None:
+        with self._room(sum(rooms)) as (room, base):
+            slots, at = [], 0
+            for n in rooms:
+                slots.append(room[at : at + n])
+                at += n
+            values = write(slots)
+            origin = room.data_ptr()
+            ptrs = [base + (v.data_ptr() - origin) for v in values]
+            sizes = [v.numel() for v in values]
             pending = list(range(len(keys)))
             for config in (self._local, self._anywhere, self._anywhere):  # this segment first, then anywhere
                 rcs = self._store.batch_upsert_from(

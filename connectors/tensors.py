@@ -21,6 +21,27 @@ def host_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().cpu().view(-1).view(torch.uint8)
 
 
+_copy_streams: dict = {}  # device -> the stream device-to-host copies run on
+
+
+def copy_to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """`src`'s bytes into `dst` (host uint8, `src`'s size): one copy, whatever device `src` is on.
+
+    A CUDA tensor must be complete (its producer synchronized: the encoder does at the end of each batch): it is
+    copied on a stream of its own, so that the copy does not wait for work queued since on the default stream
+    (the next batch's forward)."""
+    flat = src.detach().contiguous().view(-1).view(torch.uint8)
+    if not flat.is_cuda:
+        dst.copy_(flat)
+        return
+    stream = _copy_streams.get(flat.device)
+    if stream is None:
+        stream = _copy_streams.setdefault(flat.device, torch.cuda.Stream(flat.device))
+    with torch.cuda.stream(stream):
+        dst.copy_(flat, non_blocking=dst.is_pinned())
+    stream.synchronize()
+
+
 def to_bytes(t: torch.Tensor) -> bytes:
     """One copy: the tensor's storage on the host, as raw bytes."""
     return host_bytes(t).numpy().tobytes()

@@ -20,6 +20,9 @@ KV_TRANSFERS = ("direct", "store")  # prefill writes into the decoder's memory, 
 ENGINES = ("epd", "vllm")  # vllm: workers/vllm_engine.py, vllm_encode.py, in vLLM's own environment (make test-vllm)
 EC_BACKENDS = ("mooncake", "shared-dir")  # the aggregated epd topology keeps embeddings in its process
 DTYPES = ("float32", "bfloat16", "float16")
+# image preprocessing: transformers' image processor (PIL, on the CPU), torch operations on the tower's device
+# (workers/engine/image_preprocess.py), or auto: torch where the tower runs on CUDA, the processor elsewhere
+PREPROCESS = ("auto", "processor", "torch")
 
 
 class SettingError(ValueError):
@@ -126,6 +129,12 @@ class Settings:
     kv_reserve_timeout_s: float = setting("EPD_KV_RESERVE_TIMEOUT_S", 30.0, "KV room granted is freed after this")
     max_seqs: int = setting("EPD_MAX_SEQS", 64, "sequences in one decoder's continuous batch")
     max_batch: int = setting("EPD_MAX_BATCH", 8, "requests in one encode or prefill forward")
+    image_preprocess: str = setting(
+        "EPD_IMAGE_PREPROCESS",
+        "auto",
+        "image preprocessing: processor (PIL, CPU), torch (on the tower's device), auto (torch on CUDA)",
+        choices=PREPROCESS,
+    )
     max_tokens_limit: int = setting("EPD_MAX_TOKENS", 4096, "the largest max_tokens a request may ask")
     nats_creds: str = setting("EPD_NATS_CREDS", "", "NATS credentials file (JWT and NKey)")
     nats_user: str = setting("EPD_NATS_USER", "", "NATS user")
@@ -151,6 +160,8 @@ class Settings:
             raise ValueError("EPD_EC_BACKEND=shared-dir needs EPD_EC_DIR, a directory every worker mounts")
         if self.kv_transfer not in KV_TRANSFERS:
             raise ValueError(f"KV transfer {self.kv_transfer!r} is not one of {', '.join(KV_TRANSFERS)}")
+        if self.image_preprocess not in PREPROCESS:
+            raise ValueError(f"image preprocessing {self.image_preprocess!r} is not one of {', '.join(PREPROCESS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not 0 < self.port < 65536:

@@ -6,6 +6,7 @@ Both families, without NATS: the same code the workers run, against transformers
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
@@ -244,3 +245,44 @@ async def test_what_queues_while_busy_runs_together_within_the_limits() -> None:
     results = await asyncio.gather(*(batcher.submit(i) for i in [1, 2, 3, 4, 9, 1]))
     assert [r for r, _ in results] == [1, 2, 3, 4, 9, 1]
     assert batches == [[1, 2, 3], [4], [9, 1]]  # at most 3 items; cost at most 10 (9 goes alone or first)
+
+
+async def test_the_next_batch_is_prepared_while_the_current_one_runs() -> None:
+    """With a prepare stage, batch 2's preparation happens during batch 1's run: run 1 waits for it (bounded:
+    a batcher that prepared only after running would leave it waiting and fail the assertion)."""
+    second_prepared = threading.Event()
+    seen: list[str] = []
+
+    def prepare(items: list[int]) -> list[int]:
+        seen.append(f"prepare {items}")
+        if items == [2, 3]:
+            second_prepared.set()
+        return [i * 10 for i in items]
+
+    def run(prepared: list[int]) -> list[int]:
+        seen.append(f"run {prepared}")
+        if prepared == [10]:
+            assert second_prepared.wait(30), "batch 2 was not prepared while batch 1 ran"
+        return [p + 1 for p in prepared]
+
+    batcher = MicroBatcher(run, max_batch=8, stage="test", prepare=prepare)
+    first = asyncio.ensure_future(batcher.submit(1))
+    await asyncio.sleep(0)
+    while batcher._queue:  # batch 1 is taken alone; 2 and 3 queue behind it
+        await asyncio.sleep(0)
+    rest = [asyncio.ensure_future(batcher.submit(i)) for i in (2, 3)]
+    assert await first == (11, 1)
+    assert [await r for r in rest] == [(21, 2), (31, 2)]
+    assert seen.index("prepare [2, 3]") < seen.index("run [20, 30]")
+
+
+async def test_a_failed_preparation_fails_only_its_bad_item() -> None:
+    def prepare(items: list[str]) -> list[str]:
+        if "bad" in items:
+            raise ValueError("bad image")
+        return items
+
+    batcher = MicroBatcher(lambda xs: [x.upper() for x in xs], max_batch=8, stage="test", prepare=prepare)
+    results = await asyncio.gather(*(batcher.submit(i) for i in ["a", "bad", "c"]), return_exceptions=True)
+    assert results[0] == ("A", 1) and results[2] == ("C", 1)
+    assert isinstance(results[1], ValueError)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from epd.connectors.ec import entry_parts
+from epd.connectors.ec import entry_parts, entry_room, unpack_entry, write_entry
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import KEY_PREFIX, MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
@@ -247,6 +247,24 @@ def test_integrity_checks_name_what_is_wrong() -> None:
     bad_shape.shape = [4, 3]
     with pytest.raises(TensorIntegrityError, match="shape"):
         from_bytes(data, bad_shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_entry_written_in_place_is_the_entry_bit_for_bit(dtype: torch.dtype) -> None:
+    """`write_entry` (one copy into registered memory, header after the checksum) gives `entry_parts`' value, for
+    checksums of every encoded length (the header goes just before the tensor, its room sized for the longest)."""
+    gen = torch.Generator().manual_seed(0)
+    for n in range(40):
+        t = torch.randn(3 + n, 8, generator=gen).to(dtype)
+        header, flat, ref = entry_parts(f"k{n}", t, [1, 2, 2])
+        room = entry_room(f"k{n}", t, [1, 2, 2])
+        slot = torch.full((room,), 0xAB, dtype=torch.uint8)
+        value, written = write_entry(slot, f"k{n}", t, [1, 2, 2])
+        assert bytes(value.numpy()) == header + bytes(flat.numpy())
+        assert written == ref
+        assert value.data_ptr() + value.numel() == slot.data_ptr() + room  # a suffix of its slot
+        got, grid = unpack_entry(bytes(value.numpy()))
+        assert torch.equal(got, t) and grid == [1, 2, 2]
 
 
 @pytest.mark.e2e

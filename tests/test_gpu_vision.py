@@ -102,3 +102,21 @@ def test_cuda_tower_equals_transformers_on_cuda(towers) -> None:  # noqa: ANN001
         visual.to("cpu")
     err = relative_error(got, want)
     assert err < 1e-4, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("size", [(448, 448), (1024, 1024), (300, 200), (37, 900), (2000, 1500)])
+def test_torch_preprocessing_on_cuda_gives_the_cpus_pixels_bit_for_bit(size: tuple[int, int]) -> None:
+    """Pillow's integer resampling as float64 matmuls of exact integers: the device's summation order cannot
+    change a value, so CUDA's float32 pixel values equal the CPU's (tests/test_image_preprocess.py holds the CPU's
+    against the image processor)."""
+    import numpy as np
+    from epd.workers.engine.image_preprocess import TorchImageProcessor
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    image = np.random.default_rng(sum(size)).integers(0, 256, (*size, 3), dtype=np.uint8)
+    proc = Qwen2VLImageProcessorPil()
+    cpu, _ = TorchImageProcessor.for_processor(proc, "cpu", torch.float32)([image])
+    gpu, _ = TorchImageProcessor.for_processor(proc, "cuda", torch.float32)([image])
+    assert torch.equal(gpu.cpu(), cpu)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Protocol
 
 import nats
+import torch
 from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageMissing, ImageStore
 from epd.core import metrics, subjects
@@ -33,20 +35,44 @@ class Producer(Protocol):
         ...
 
 
+@dataclass
+class Prepared:
+    """A batch's images preprocessed for the tower: pixel_values on the device, grids, images per request."""
+
+    pixels: torch.Tensor
+    grids: list[list[int]]
+    counts: list[int]
+
+
 class FamilyEncoder:
-    """epd's engine: the family's vision tower, several requests' images in one forward (packed, any sizes)."""
+    """epd's engine: the family's vision tower, several requests' images in one forward (packed, any sizes).
+
+    The stages overlap: each request's images are fetched from the image store and decoded in its own task
+    (`ImageEncoder`, a thread for the decode); the batcher prepares the next batch (`_prepare`, a thread: the
+    image processor, or torch operations on the device, on a stream of their own) while the current one runs on
+    the device (`_run`); and a finished batch's embeddings are saved from device memory (the Mooncake connector
+    copies each one once, device to its registered buffer) while the next batch runs.
+    """
 
     def __init__(self, family: Family, ec: ECConnector, max_batch: int) -> None:
         self.ec = ec
-        self.batcher = MicroBatcher(self._run, max_batch, "encode")
+        self.batcher = MicroBatcher(self._run, max_batch, "encode", prepare=self._prepare)
         self._family = family
 
-    def _run(self, requests: list[list[Image.Image]]) -> list[list[Encoded]]:
-        encoded = self._family.encode([image for images in requests for image in images])
+    def _prepare(self, requests: list[list[Image.Image]]) -> Prepared:
+        pixels, grids = self._family.prepare([image for images in requests for image in images])
+        return Prepared(pixels, grids, [len(images) for images in requests])
+
+    def _run(self, batch: Prepared) -> list[list[Encoded]]:
+        encoded = self._family.encode_prepared(batch.pixels, batch.grids)
+        if batch.pixels.is_cuda:
+            # the embeddings are complete before anyone reads them: the connector copies them to the host on a
+            # stream of its own, which must not wait behind the next batch's forward on this one
+            torch.cuda.current_stream(batch.pixels.device).synchronize()
         parts, at = [], 0
-        for images in requests:
-            parts.append(encoded[at : at + len(images)])
-            at += len(images)
+        for n in batch.counts:
+            parts.append(encoded[at : at + n])
+            at += n
         return parts
 
     async def produce(self, keys: list[str], pictures: list[Image.Image]) -> list[ImageEmbedding]:

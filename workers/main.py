@@ -37,7 +37,9 @@ async def run_worker(role: str, settings: Settings) -> None:
     else:
         ckpt = Checkpoint.open(settings.model)
         weights = weights_for(role, settings)  # the half of the model this role runs, or all of it
-        family = await asyncio.to_thread(load_family, ckpt, settings.device, settings.dtype, weights)
+        family = await asyncio.to_thread(
+            load_family, ckpt, settings.device, settings.dtype, weights, settings.image_preprocess
+        )
         rt = await Runtime.start(settings, name=f"epd-{role}")
         parts = build_role(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in parts.stages]

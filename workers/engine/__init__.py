@@ -32,8 +32,12 @@ def prepare_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_family(ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", parts: Parts = "all") -> Family:
-    """The adapter for a checkpoint's family, with `parts` of its weights loaded."""
+def load_family(
+    ckpt: Checkpoint, device: str = "cpu", dtype: str = "float32", parts: Parts = "all", preprocess: str = "auto"
+) -> Family:
+    """The adapter for a checkpoint's family, with `parts` of its weights loaded; `preprocess`: where images are
+    preprocessed (`EPD_IMAGE_PREPROCESS`: processor, torch, or auto: torch where the tower runs on CUDA)."""
     prepare_device(device)
     module, name = ADAPTERS[ckpt.family]
-    return getattr(importlib.import_module(module), name)(ckpt, device=device, dtype=dtype, parts=parts)
+    adapter = getattr(importlib.import_module(module), name)
+    return adapter(ckpt, device=device, dtype=dtype, parts=parts, preprocess=preprocess)

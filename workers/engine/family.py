@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from epd.workers.engine.context import Context, step_context
 from epd.workers.engine.kv_cache import KVLayout, PagedKVCache, StepInputs
@@ -74,8 +75,17 @@ class Family(ABC):
         """How many placeholder tokens an image of this grid occupies in the prompt."""
 
     @abstractmethod
-    def encode(self, images: list[Image.Image]) -> list[Encoded]:
-        """Every image through the vision tower in one forward, packed as the tower expects."""
+    def prepare(self, images: list[Image.Image | np.ndarray]) -> tuple[torch.Tensor, list[list[int]]]:
+        """Images preprocessed for the tower: pixel_values on the device and each image's grid (t, h, w).
+        ImageRejected for an image the image processor refuses."""
+
+    @abstractmethod
+    def encode_prepared(self, pixels: torch.Tensor, grids: list[list[int]]) -> list[Encoded]:
+        """`prepare`'s output through the vision tower in one forward, packed as the tower expects."""
+
+    def encode(self, images: list[Image.Image | np.ndarray]) -> list[Encoded]:
+        """Every image through the vision tower in one forward: `prepare`, then `encode_prepared`."""
+        return self.encode_prepared(*self.prepare(images))
 
     @abstractmethod
     def positions(self, ids: torch.Tensor, images: list[Encoded]) -> tuple[torch.Tensor, int]:
