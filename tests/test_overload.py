@@ -65,10 +65,11 @@ def test_overload_is_refused_with_retry_after_and_nothing_accepted_is_lost(tiny_
     answers = offered["answers"]
     specs = [distinct[i % len(distinct)] for i in range(len(answers))]
     outcomes = [bench.read_answer(s, a) for s, a in zip(specs, answers, strict=True)]
-    bench.judge(specs, outcomes, tiny_model)
+    checked = bench.judge(specs, outcomes, tiny_model, most=len(distinct))  # every answer against generate
     verdicts = {v: sum(o.verdict == v for o in outcomes) for v in {o.verdict for o in outcomes}}
     failures = [(o.verdict, o.status, o.error) for o in outcomes if o.verdict not in ("ok", "refused")][:5]
     assert set(verdicts) <= {"ok", "refused"}, (verdicts, failures)  # no loss, no other status, no wrong answer
     assert verdicts.get("ok", 0) > 0 and verdicts.get("refused", 0) > 0, verdicts
+    assert checked == verdicts["ok"]
     assert all(a.status in (200, 429, 503) for a in answers)
     assert all(a.retry_after and int(a.retry_after) > 0 for a in answers if a.status != 200)
