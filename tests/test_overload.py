@@ -52,9 +52,9 @@ def test_overload_is_refused_with_retry_after_and_nothing_accepted_is_lost(tiny_
         async def drive() -> tuple[dict, dict]:
             pool = http_load.Pool("127.0.0.1", cluster.settings.port)
             try:
-                served = await bench.closed_loop(pool, raws, 4, 4.0)
+                served = await bench.closed_loop(pool, raws, 4, 3.0)
                 load = [raws[i % len(raws)] for i in range(2000)]
-                return served, await bench.open_loop(pool, load, 4 * max(served["rps"], 1.0), 8.0, seed=0)
+                return served, await bench.open_loop(pool, load, 4 * max(served["rps"], 1.0), 6.0, seed=0)
             finally:
                 pool.close()
 
