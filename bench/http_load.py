@@ -1,7 +1,7 @@
 """A cheap HTTP/1.1 load client on asyncio streams, for offering more load than the server it shares cores with.
 
-What it saves over httpx per request (measured here: httpx spends about 2 ms of CPU a request, this about
-0.2 ms for a refusal): requests are pre-built bytes; a response is read as bytes (the status line, the headers
+What it saves over httpx: client CPU a request, 0.11 ms against httpx's 3.1 to 3.7 ms on this machine
+(bench/client_cost.py, a 2 KB body answered with a 429). Requests are pre-built bytes; a response is read as bytes (the status line, the headers
 it needs, the body by Content-Length or chunked framing) and nothing is parsed as JSON or SSE while the load
 runs: the caller keeps the bytes and parses them afterwards.
 
