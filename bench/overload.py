@@ -8,9 +8,10 @@ every process's memory must stay under a bound that follows from the settings.
    answer to send the next), the chaos soak's mix of text, new and repeated pictures, streamed and not, every
    request asking `--max-tokens`, no retries. The rate actually offered is measured (requests written over
    the time it took to write them) and so is the generator's lag behind its schedule.
-3. Verdicts, after the run: a 429 or 503 with Retry-After is refused; a 200 whose answer is transformers'
-   `generate` answer, once (one finish, `[DONE]` for a stream) is ok; no response or an answer cut short is
-   lost; anything else (another status, a refusal without Retry-After, a wrong answer) is an error.
+3. Verdicts, after the run: a 429 or 503 with Retry-After is refused; a 200 whose answer is whole (one
+   finish, `[DONE]` for a stream, tokens counted) is ok, and for `--oracle` distinct prompts drawn at random
+   it must also be transformers' `generate` answer; no response or an answer cut short is lost; anything else
+   (another status, a refusal without Retry-After, an error in a stream, a wrong answer) is an error.
 4. Memory: every process's RSS every `SAMPLE_S`, its peak against the bound `bounds()` derives from the settings.
 
 The load client is bench/http_load.py (pre-built request bytes, raw HTTP/1.1, bodies parsed after the run):
@@ -201,9 +202,9 @@ def _message(body: bytes) -> str:
 
 def judge(specs: list[chaos.Spec], outcomes: list[chaos.Outcome], model: Path, most: int, seed: int = 0) -> int:
     """Verdicts of the answered: whole (one finish, `[DONE]` for a stream, tokens counted), and, for `most`
-    distinct prompts drawn at random (every one when fewer), transformers' `generate` answer. A new picture is
-    a distinct prompt, and generate costs about as much as serving it: judging them all took longer than the
-    run. Returns the answers compared with generate."""
+    distinct prompts drawn at random (every one when fewer), transformers' `generate` answer. Every new picture
+    is a distinct prompt, and generate takes about a second a prompt here: judging them all took longer than
+    the run. Returns how many answers were compared with generate."""
     answered = [(s, o) for s, o in zip(specs, outcomes, strict=True) if not o.verdict]
     keys = sorted({(s.question, s.image or b"", s.max_tokens) for s, _ in answered})
     chosen = set(random.Random(seed).sample(keys, min(most, len(keys))))
