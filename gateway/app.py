@@ -21,6 +21,7 @@ from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from .admission import Door
 from .errors import ApiError
 from .limits import BodySizeLimit
 from .openai_api import (
@@ -53,6 +54,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="epd", version="0.1.0", lifespan=lifespan, telemetry={"tracing": False, "metrics": False})
 
     app.add_middleware(BodySizeLimit, max_bytes=int(settings.max_body_mb * (1 << 20)))
+    app.add_middleware(Door, limit=settings.max_inflight)  # outside the body limit: over the limit, read nothing
 
     if keys := settings.api_key_set:
 

@@ -243,6 +243,9 @@ async def test_over_the_inflight_limit_is_429_with_retry_after(cluster: Cluster)
             r = await client.post("/v1/chat/completions", json=chat_body("Me too?"))
             assert r.status_code == 429 and r.headers["retry-after"] == "1"
             assert r.json()["error"]["type"] == "rate_limit_error"
+            # refused at the door, before its body is read: not even a malformed one gets its 400
+            unread = await client.post("/v1/chat/completions", content=b"{not json")
+            assert unread.status_code == 429 and unread.headers["retry-after"] == "1"
             done = await long
             assert done.status_code == 200 and done.json()["usage"]["completion_tokens"] == 300
             assert app.state.gateway.inflight == 0
