@@ -26,9 +26,9 @@ from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.core import subjects
+from epd.core.claims import EncodeClaims
 from epd.core.config import Settings
 from epd.core.runtime import Runtime
-from epd.gateway.router import EncodeClaims
 from epd.schemas.common import ImagePart, Message
 from epd.schemas.encode import EncodeJob
 from epd.schemas.request import Request
