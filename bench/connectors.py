@@ -248,7 +248,7 @@ async def bench_layerwise(settings: Any, repeat: int, device: str, threads: int)
                 writer.write_layer(i, view.keys[i][0], view.values[i][0])
         handle = await writer.finish()
         elapsed = time.perf_counter() - started
-        assert torch.equal(landing.take(handle), out[0].kv.cpu())
+        assert torch.equal(landing.take(handle.tensor), out[0].kv.cpu())
         return elapsed
 
     torch.set_num_threads(threads)

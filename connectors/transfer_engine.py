@@ -20,13 +20,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
+from epd.connectors.kv import KVTransferError
 from epd.core.config import Settings
 
 ALIGN = 4096  # ranges start on page boundaries
 NAME_ATTEMPTS = 8
 
 
-class TransferError(RuntimeError):
+class TransferError(KVTransferError):
     pass
 
 

@@ -8,6 +8,7 @@ process runs in its one continuous batch (`decode_batch.py`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from epd.connectors.tensors import TensorIntegrityError
 from epd.core import metrics, subjects
 from epd.core.tracing import tracer
 from epd.schemas.common import FinishReason, SamplingParams, Usage
-from epd.schemas.decode import KVReady
+from epd.schemas.decode import KVPath, KVReady
 from epd.schemas.reply import TokenChunk
 from epd.workers.decode_batch import DecodeBatch
 from epd.workers.engine.checkpoint import Checkpoint
@@ -115,21 +116,26 @@ class DecodeStage:
     inactive_s = None
     message_type = KVReady
 
-    def __init__(self, sv: Services, ckpt: Checkpoint, family: Family, kv: KVConnector) -> None:
+    def __init__(self, sv: Services, ckpt: Checkpoint, family: Family, kv: Mapping[KVPath, KVConnector]) -> None:
+        """`kv`: the connector that loads each path's handles (the store's, and the direct one's if enabled)."""
         self.ckpt, self.family, self.kv = ckpt, family, kv
         self.capacity = sv.settings.max_seqs  # admission (free slots and KV) decides who runs
         self.decoder = Decoder(sv, ckpt, family)
 
     async def handle(self, job: KVReady) -> None:
+        connector = self.kv.get(job.kv.path)
         with tracer().start_as_current_span("kv.recv", attributes={"epd.bytes": job.kv.nbytes}):
             try:
-                kv = await self.kv.recv(job.kv)
+                if connector is None:  # (a direct handle moved to a decoder that takes none: its grant is elsewhere)
+                    raise KVTransferError(f"this decoder loads no {job.kv.path.name} KV")
+                kv = await connector.recv(job.kv)
             except KVTransferError as e:  # (its first decoder died holding it): the client goes on from its tokens
                 raise RequestFailed(503, f"the request's KV cache is lost: {e}", "server_error", True) from None
             except TensorIntegrityError as e:
                 raise RequestFailed(500, f"the request's KV cache is corrupt: {e}", "server_error") from None
             finally:
-                await self.kv.release(job.kv)
+                if connector is not None:
+                    await connector.release(job.kv)
         metrics.CONNECTOR_BYTES.labels("kv", "load").inc(job.kv.nbytes)
         gen = Generation(
             request_id=job.request_id,

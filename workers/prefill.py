@@ -6,13 +6,11 @@ import logging
 from typing import Protocol
 
 from epd.connectors.ec import ECConnector
-from epd.connectors.kv import KVConnector
-from epd.connectors.kv_direct import KVSender, LayerWriter
-from epd.connectors.transfer_engine import TransferError
+from epd.connectors.kv import KVConnector, KVTransferError, KVWriter
 from epd.core import metrics, subjects
 from epd.core.routing import RoutingPolicy
 from epd.core.tracing import tracer
-from epd.schemas.decode import KVReady
+from epd.schemas.decode import KVPath, KVReady
 from epd.schemas.encode import EmbeddingReady
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
@@ -41,10 +39,10 @@ PREFILL_BATCH_TOKENS = 16384
 class Handoff(Protocol):
     """Where decoding continues after prefill."""
 
-    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> LayerWriter | None:
+    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> KVWriter | None:
         """Before the forward: a writer that ships each layer's KV as it is computed, or None."""
 
-    async def __call__(self, gen: Generation, out: Prefilled, writer: LayerWriter | None) -> None:
+    async def __call__(self, gen: Generation, out: Prefilled, writer: KVWriter | None) -> None:
         """After the first token: hand the request over (`writer` is what `open` gave)."""
 
 
@@ -81,7 +79,7 @@ class PrefillStage:
             max_cost=PREFILL_BATCH_TOKENS,
         )
 
-    def _forward(self, prompts: list[tuple[list[int], list[Encoded], LayerWriter | None]]) -> list[Prefilled]:
+    def _forward(self, prompts: list[tuple[list[int], list[Encoded], KVWriter | None]]) -> list[Prefilled]:
         return self.family.prefill_batch([(ids, images) for ids, images, _ in prompts], [w for *_, w in prompts])
 
     async def handle(self, job: PrefillJob | EmbeddingReady) -> None:
@@ -126,7 +124,7 @@ class PrefillStage:
             raise RequestFailed(400, f"prompt is {len(ids)} tokens; the model's maximum length is {self.max_len}")
         return ids
 
-    async def _prefill(self, req: Request, ids: list[int], images: list[Encoded], writer: LayerWriter | None) -> bool:
+    async def _prefill(self, req: Request, ids: list[int], images: list[Encoded], writer: KVWriter | None) -> bool:
         """The forward and the first token; True if the request was handed over to decoding."""
         with tracer().start_as_current_span(
             "prefill.forward",
@@ -169,47 +167,48 @@ class RemoteDecode:
     """
 
     def __init__(
-        self, sv: Services, layout: KVLayout, store: KVConnector, picker: DecoderPicker, direct: KVSender | None
+        self, sv: Services, layout: KVLayout, store: KVConnector, picker: DecoderPicker, direct: KVConnector | None
     ) -> None:
         self.out, self.model_name = sv.out, sv.settings.model_name
         self.layout, self.store, self.picker, self.direct = layout, store, picker, direct
 
-    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> LayerWriter | None:
-        if self.direct is None:
-            return None
-        target = await self.picker.choose(prompt_tokens + max_tokens)
-        if target is None:
-            return None
+    async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> KVWriter | None:
         lay = self.layout
         shape = (lay.layers, 2, lay.kv_heads, prompt_tokens, lay.head_dim)
-        with tracer().start_as_current_span("kv.reserve", attributes={"epd.decoder": target}) as span:
-            writer = await self.direct.open(target, request_id, shape, lay.dtype)
-            span.set_attribute("epd.granted", writer is not None)
-        return writer
+        target = await self.picker.choose(prompt_tokens + max_tokens) if self.direct is not None else None
+        if target is not None:
+            with tracer().start_as_current_span("kv.reserve", attributes={"epd.decoder": target}) as span:
+                writer = await self.direct.open(request_id, shape, lay.dtype, target)
+                span.set_attribute("epd.granted", writer is not None)
+            if writer is not None:
+                return writer
+        return await self.store.open(request_id, shape, lay.dtype)
 
-    async def __call__(self, gen: Generation, out: Prefilled, writer: LayerWriter | None) -> None:
-        handle, target = None, None
+    async def __call__(self, gen: Generation, out: Prefilled, writer: KVWriter | None) -> None:
+        handle = None
         if writer is not None:
-            with tracer().start_as_current_span(
-                "kv.send",
-                attributes={
-                    "epd.bytes": writer.nbytes,
-                    "epd.layers": writer.shape[0],
-                    "epd.path": "direct",
-                    "epd.kv.peer": writer.grant.session,  # the decoder's host:port: KV goes there directly
-                },
-            ) as span:
+            attributes = {
+                "epd.bytes": writer.nbytes,
+                "epd.layers": writer.shape[0],
+                "epd.path": writer.path.name.lower(),
+            }
+            if writer.peer:
+                attributes["epd.kv.peer"] = writer.peer  # the decoder's host:port: KV goes there directly
+            with tracer().start_as_current_span("kv.send", attributes=attributes) as span:
                 try:
-                    handle, target = await writer.finish(), writer.decoder_id
-                except TransferError as e:  # the store path below, to any decoder
+                    handle = await writer.finish()
+                except KVTransferError as e:  # the store path below, to any decoder
                     span.set_status(Status(StatusCode.ERROR, str(e)))
-                    log.warning("request %s: direct KV transfer failed (%s); through the store", gen.request_id, e)
+                    log.warning("request %s: KV transfer failed (%s); through the store", gen.request_id, e)
         if handle is None:
             kv = out.kv
             nbytes = kv.numel() * kv.element_size()
             attributes = {"epd.bytes": nbytes, "epd.layers": kv.shape[0], "epd.path": "store"}
             with tracer().start_as_current_span("kv.send", attributes=attributes):
                 handle = await self.store.send(gen.request_id, kv)
+        if handle.path is KVPath.DIRECT:
+            target = writer.decoder_id  # the decoder that holds it
+        else:
             target = await self.picker.choose(gen.prompt_tokens + gen.sampling.max_tokens)
         metrics.CONNECTOR_BYTES.labels("kv", "save").inc(handle.nbytes)
         ready = KVReady(
@@ -236,5 +235,5 @@ class LocalDecode:
     async def open(self, request_id: str, prompt_tokens: int, max_tokens: int) -> None:
         return None
 
-    async def __call__(self, gen: Generation, out: Prefilled, writer: LayerWriter | None) -> None:
+    async def __call__(self, gen: Generation, out: Prefilled, writer: KVWriter | None) -> None:
         await self.decoder.generate(gen, out.kv, out.rope_delta)

@@ -23,7 +23,8 @@ from epd.connectors.ec import ECConnector
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
-from epd.connectors.kv_direct import DirectKVReceiver, KVLanding, KVSender
+from epd.connectors.kv import KVConnector
+from epd.connectors.kv_direct import DirectKVConnector, KVLanding
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.transfer_engine import TransferLink
@@ -31,12 +32,14 @@ from epd.core import subjects
 from epd.core.config import Settings
 from epd.core.heartbeat import live_workers
 from epd.core.runtime import Runtime
+from epd.schemas.decode import KVPath
 from epd.workers.decode import Decoder, DecodeStage
 from epd.workers.decoder_choice import DIRECT_INACTIVE_S, DecoderPicker, decoder_durable, rescue_loop
 from epd.workers.encode import EncodeStage, FamilyEncoder
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Family
 from epd.workers.engine.weights import Parts
+from epd.workers.kv_rooms import NatsKVRooms, serve_kv_rooms
 from epd.workers.loop import Lane, Stage
 from epd.workers.prefill import LocalDecode, PrefillStage, RemoteDecode
 from epd.workers.services import Services
@@ -92,22 +95,24 @@ def build_role(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> Role
     settings = rt.settings
     if role == "prefill":
         kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
-        direct = (
-            KVSender(TransferLink(settings, settings.kv_buffer_mb), rt.nc) if settings.kv_transfer == "direct" else None
-        )
+        direct = None
+        if settings.kv_transfer == "direct":
+            direct = DirectKVConnector(TransferLink(settings, settings.kv_buffer_mb), rooms=NatsKVRooms(rt.nc))
         picker = DecoderPicker(lambda: live_workers(rt.js))
         handoff = RemoteDecode(sv, family.kv_layout(), kv, picker, direct)
         prefill = PrefillStage(sv, ckpt, family, ec_connector(settings, store), handoff)
         return Role([prefill, text_lane(prefill)], store)
     if role == "decode":
-        kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
+        paths: dict[KVPath, KVConnector] = {
+            KVPath.STORE: MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
+        }
         background = [lambda stop: rescue_loop(rt, stop)]
         if settings.kv_transfer == "direct":
             link = TransferLink(settings, settings.kv_buffer_mb)
             landing = KVLanding(link, settings.kv_reserve_timeout_s, settings.verify_checksums, rt.load)
-            kv = DirectKVReceiver(landing, kv)
-            background.append(lambda stop: landing.serve(rt.nc, rt.worker_id, stop))
-        decode = DecodeStage(sv, ckpt, family, kv)
+            paths[KVPath.DIRECT] = DirectKVConnector(link, landing=landing)
+            background.append(lambda stop: serve_kv_rooms(landing, rt.nc, rt.worker_id, stop))
+        decode = DecodeStage(sv, ckpt, family, paths)
         mine = subjects.decode_for(rt.worker_id)
         own = Lane(decode, decoder_durable(rt.worker_id), mine, DIRECT_INACTIVE_S, label=subjects.DECODE)
         return Role([decode, own], store, background)
