@@ -248,7 +248,7 @@ async def bench_layerwise(settings: Any, repeat: int, device: str, threads: int)
                 writer.write_layer(i, view.keys[i][0], view.values[i][0])
         handle = await writer.finish()
         elapsed = time.perf_counter() - started
-        assert torch.equal(landing.take(handle), out[0].kv.cpu())
+        assert torch.equal(landing.take(handle.tensor), out[0].kv.cpu())
         return elapsed
 
     torch.set_num_threads(threads)
@@ -287,7 +287,7 @@ async def bench_layerwise(settings: Any, repeat: int, device: str, threads: int)
 
 
 async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    from epd.core.config import Settings
+    from epd.core.config import Settings, export_mooncake_env
     from epd.ops.infra import MooncakeMaster
 
     master = MooncakeMaster(Path(tempfile.mkdtemp(prefix="epd-bench-"))).start()
@@ -295,6 +295,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         settings = Settings(
             mooncake_master=master.master_address, mooncake_metadata=master.metadata_url, mooncake_segment_mb=512
         )
+        export_mooncake_env(settings)
         table = Table(SocketLink(4 * math.prod(EMBEDDING) * 2 + math.prod(KV) * 2), args.repeat)
         await bench_ec(settings, table)
         await bench_kv(settings, table)

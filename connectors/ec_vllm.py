@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import threading
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -50,7 +51,7 @@ from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.core import subjects
-from epd.core.config import Settings
+from epd.core.config import MOONCAKE_BIND_ENV, Settings, export_mooncake_env
 from vllm.distributed.ec_transfer.ec_connector.base import ECConnectorBase, ECConnectorMetadata, ECConnectorRole
 
 if TYPE_CHECKING:
@@ -122,6 +123,10 @@ def backend(settings: Settings, role: ECConnectorRole) -> tuple[ECConnector, Moo
         return SharedDirECConnector(settings.ec_dir, capacity, settings.verify_checksums), None
     if settings.ec_backend != "mooncake":
         raise ValueError(f"EpdECConnector needs a shared cache (mooncake, shared-dir), not {settings.ec_backend!r}")
+    if MOONCAKE_BIND_ENV not in os.environ:
+        # vLLM loads this class by name in a process of its own (a stock `vllm serve`): this is where epd's code
+        # enters that process, so it does what an epd process's entry does, unless whoever started it set it
+        export_mooncake_env(settings)
     store = MooncakeStore(settings, segment_mb=0 if role == ECConnectorRole.SCHEDULER else None)
     return MooncakeECConnector(store, settings.verify_checksums), store
 

@@ -6,14 +6,17 @@
 2. As the forward computes each layer's keys and values, prefill copies them into a range
    of its own buffer and starts a one-sided write of that layer into the decoder's range:
    the transfer runs while the next layers compute.
-3. After the forward, prefill waits for the writes and publishes `KVReady` with a handle
-   `direct/<grant id>` and the checksum of what it wrote.
+3. After the forward, prefill waits for the writes and publishes `KVReady` with a handle of path
+   DIRECT naming the grant, and the checksum of what it wrote.
 4. The decoder checks size, shape, dtype (and checksum) and copies the KV out of the range.
 
 A grant is freed when its KV is loaded, when prefill releases it (the request ended at its
 first token, or the writes failed), or `EPD_KV_RESERVE_TIMEOUT_S` after it was made.
 Whatever goes wrong before `KVReady`, prefill falls back to the store path
 (`kv_mooncake.py`), which any decoder can load.
+
+The reservations travel over the worker's messaging (`KVRooms`, passed in; NATS in workers/kv_rooms.py):
+this module moves bytes only.
 """
 
 from __future__ import annotations
@@ -25,24 +28,20 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-import nats
 import torch
-from epd.connectors.kv import KVConnector, KVTransferError
+from epd.connectors.kv import KVConnector, KVTransferError, KVWriter
 from epd.connectors.tensors import dtype_name, from_bytes, new_digest
 from epd.connectors.transfer_engine import TransferError, TransferLink
-from epd.core import subjects
-from epd.schemas.codec import Decoder, WireError, encode
 from epd.schemas.common import TensorHandle
-from epd.schemas.decode import KVGrant, KVRelease, KVReserve
+from epd.schemas.decode import KVGrant, KVHandle, KVPath, KVRelease, KVReserve
 
 if TYPE_CHECKING:
     from epd.core.runtime import Load
 
 log = logging.getLogger(__name__)
 
-DIRECT_PREFIX = "direct/"
 RESERVE_TIMEOUT_S = 1.0  # how long prefill waits for a decoder's grant before taking the store path
 GRANT_MARGIN_S = 1.0  # prefill neither writes nor publishes KV into a grant this close to its expiry
 DRAIN_S = 10.0  # how long prefill waits for its writes to land
@@ -50,6 +49,16 @@ DRAIN_S = 10.0  # how long prefill waits for its writes to land
 # its earlier grant freed this soon: not at once, since the dead worker may have published its KV-ready
 # message just before it died, and this decoder may still be about to load it.
 REGRANT_GRACE_S = 5.0
+
+
+class KVRooms(Protocol):
+    """Prefill's client for decoders' KV room (request-reply to one decoder)."""
+
+    async def reserve(self, decoder_id: str, request: KVReserve, timeout_s: float) -> KVGrant | None:
+        """The decoder's answer; None when it gave none within `timeout_s` (gone, or unreachable)."""
+
+    async def release(self, decoder_id: str, grant_id: str) -> None:
+        """Fire and forget: the granted room will not be written (else it expires on its own)."""
 
 
 class KVLanding:
@@ -61,7 +70,6 @@ class KVLanding:
         self._grants: dict[str, tuple[int, int, float]] = {}  # grant id -> (offset, nbytes, expires at)
         self._by_request: dict[str, str] = {}  # request id -> its latest grant id
         self._lock = threading.Lock()
-        self._decoder = Decoder(KVReserve | KVRelease)
 
     @property
     def granted_bytes(self) -> int:
@@ -115,9 +123,16 @@ class KVLanding:
             self.release(g)
         return len(gone)
 
+    def answer(self, message: KVReserve | KVRelease) -> KVGrant | None:
+        """A reservation's grant (or refusal); a release frees its grant and has no answer."""
+        if isinstance(message, KVRelease):
+            self.release(message.grant_id)
+            return None
+        return self.reserve(message)
+
     def take(self, handle: TensorHandle) -> torch.Tensor:
-        """The KV written into a grant, as a tensor of its own; the grant is freed."""
-        grant_id = handle.key.removeprefix(DIRECT_PREFIX)
+        """The KV written into a grant (`handle.key` is its id), as a tensor of its own; the grant is freed."""
+        grant_id = handle.key
         with self._lock:
             grant = self._grants.get(grant_id)
         if grant is None:
@@ -128,45 +143,25 @@ class KVLanding:
         finally:
             self.release(grant_id)
 
-    async def serve(self, nc: nats.NATS, worker_id: str, stop: asyncio.Event) -> None:
-        """Answer this decoder's reserve subject, and free expired grants, until `stop`."""
 
-        async def on_message(msg: nats.aio.msg.Msg) -> None:
-            try:
-                request = self._decoder.decode(msg.data)
-            except WireError as e:
-                log.warning("bad KV reservation message: %s", e)
-                return
-            if isinstance(request, KVRelease):
-                self.release(request.grant_id)
-            elif msg.reply:
-                await msg.respond(encode(self.reserve(request)))
-
-        sub = await nc.subscribe(subjects.kv_reserve_for(worker_id), cb=on_message)
-        try:
-            while not stop.is_set():
-                try:
-                    await asyncio.wait_for(stop.wait(), timeout=min(self.ttl_s, 1.0))
-                except asyncio.TimeoutError:
-                    self.expire()
-        finally:
-            await sub.unsubscribe()
-
-
-class LayerWriter:
+class LayerWriter(KVWriter):
     """Prefill's side of one grant: each layer's KV is staged and written as soon as it is computed."""
+
+    path = KVPath.DIRECT
 
     def __init__(
         self,
         link: TransferLink,
-        nc: nats.NATS,
+        rooms: KVRooms | None,
         decoder_id: str,
         grant: KVGrant,
         offset: int,
         shape: tuple[int, ...],
         dtype: torch.dtype,
     ) -> None:
-        self.link, self.nc, self.decoder_id, self.grant = link, nc, decoder_id, grant
+        """`rooms` None: nobody to tell of an abort (a benchmark's writer; the grant expires)."""
+        self.link, self.rooms, self.decoder_id, self.grant = link, rooms, decoder_id, grant
+        self.peer = grant.session  # the decoder's host:port: the KV goes there directly
         self.offset, self.shape, self.dtype = offset, shape, dtype
         self.nbytes = math.prod(shape) * dtype.itemsize
         self.layer_bytes = self.nbytes // shape[0]
@@ -214,7 +209,7 @@ class LayerWriter:
         # a device tensor's), instead of over the whole KV after the forward
         self._digest.update(self.link.view(self.offset + at, self.layer_bytes).numpy())
 
-    async def finish(self) -> TensorHandle:
+    async def finish(self) -> KVHandle:
         """Wait for every layer's write; the handle `KVReady` carries. Raises TransferError (the grant freed)."""
         try:
             if self.error is not None:
@@ -230,13 +225,14 @@ class LayerWriter:
             await self.abort()
             raise
         self._free_staging()
-        return TensorHandle(
-            key=DIRECT_PREFIX + self.grant.grant_id,
+        tensor = TensorHandle(
+            key=self.grant.grant_id,
             shape=list(self.shape),
             dtype=dtype_name(self.dtype),
             nbytes=self.nbytes,
             checksum=digest,
         )
+        return KVHandle(path=KVPath.DIRECT, tensor=tensor)
 
     async def abort(self) -> None:
         """The KV will not be published: the decoder frees its room, this worker its staging."""
@@ -253,12 +249,8 @@ class LayerWriter:
             )
             self._closed = True
         self._free_staging()
-        try:
-            await self.nc.publish(
-                subjects.kv_reserve_for(self.decoder_id), encode(KVRelease(grant_id=self.grant.grant_id))
-            )
-        except nats.errors.Error as e:  # the grant expires on its own
-            log.warning("cannot release KV grant %s: %s", self.grant.grant_id, e)
+        if self.rooms is not None:
+            await self.rooms.release(self.decoder_id, self.grant.grant_id)
 
     async def _sent(self) -> None:
         """Every write the sender thread was given has started (device tensors only)."""
@@ -275,56 +267,37 @@ class LayerWriter:
             self.link.arena.free(self.offset)
 
 
-class KVSender:
-    """Prefill's side: asks a decoder for room and opens a `LayerWriter` into it."""
+class DirectKVConnector(KVConnector):
+    """The direct path. Prefill's side (`rooms`) opens writers into a decoder's granted room; a decoder's side
+    (`landing`) loads what was written into its grants."""
 
-    def __init__(self, link: TransferLink, nc: nats.NATS) -> None:
-        self.link, self.nc = link, nc
-        self._grants = Decoder(KVGrant)
+    def __init__(self, link: TransferLink, rooms: KVRooms | None = None, landing: KVLanding | None = None) -> None:
+        self.link, self.rooms, self.landing = link, rooms, landing
 
     async def open(
-        self, decoder_id: str, request_id: str, shape: tuple[int, ...], dtype: torch.dtype
+        self, request_id: str, shape: tuple[int, ...], dtype: torch.dtype, decoder_id: str | None = None
     ) -> LayerWriter | None:
         """A writer into `decoder_id`'s memory for KV of `shape`; None (take the store path) if there is no room."""
+        if self.rooms is None or decoder_id is None:
+            raise ValueError("a direct KV writer needs the decoders' rooms and a decoder")
         nbytes = math.prod(shape) * dtype.itemsize
         offset = self.link.arena.alloc(nbytes)
         if offset is None:
             log.info("no staging room for %d bytes of KV (EPD_KV_BUFFER_MB): store path", nbytes)
             return None
-        try:
-            reply = await self.nc.request(
-                subjects.kv_reserve_for(decoder_id),
-                encode(KVReserve(request_id=request_id, nbytes=nbytes)),
-                timeout=RESERVE_TIMEOUT_S,
-            )
-            grant = self._grants.decode(reply.data)
-        except (nats.errors.Error, asyncio.TimeoutError, WireError) as e:
-            log.info("decoder %s gave no KV grant (%s): store path", decoder_id, type(e).__name__)
-            grant = None
+        request = KVReserve(request_id=request_id, nbytes=nbytes)
+        grant = await self.rooms.reserve(decoder_id, request, RESERVE_TIMEOUT_S)
         if grant is None or not grant.granted:
             self.link.arena.free(offset)
-            if grant is not None:
-                log.info("decoder %s refused KV room: %s", decoder_id, grant.reason)
+            log.info("decoder %s gave no KV room (%s): store path", decoder_id, grant.reason if grant else "no answer")
             return None
-        return LayerWriter(self.link, self.nc, decoder_id, grant, offset, shape, dtype)
+        return LayerWriter(self.link, self.rooms, decoder_id, grant, offset, shape, dtype)
 
+    async def recv(self, handle: KVHandle) -> torch.Tensor:
+        if self.landing is None:
+            raise ValueError("only a decoder's direct connector loads KV")
+        return await asyncio.to_thread(self.landing.take, handle.tensor)
 
-class DirectKVReceiver(KVConnector):
-    """A decoder's KV connector: direct handles from its grants, anything else from the store."""
-
-    def __init__(self, landing: KVLanding, store: KVConnector) -> None:
-        self.landing, self.store = landing, store
-
-    async def send(self, request_id: str, kv: torch.Tensor) -> TensorHandle:
-        return await self.store.send(request_id, kv)
-
-    async def recv(self, handle: TensorHandle) -> torch.Tensor:
-        if handle.key.startswith(DIRECT_PREFIX):
-            return await asyncio.to_thread(self.landing.take, handle)
-        return await self.store.recv(handle)
-
-    async def release(self, handle: TensorHandle) -> None:
-        if handle.key.startswith(DIRECT_PREFIX):
-            self.landing.release(handle.key.removeprefix(DIRECT_PREFIX))
-        else:
-            await self.store.release(handle)
+    async def release(self, handle: KVHandle) -> None:
+        if self.landing is not None:
+            self.landing.release(handle.tensor.key)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -11,7 +10,7 @@ import numpy as np
 import torch
 from epd.connectors.tensors import host_bytes
 from epd.connectors.transfer_engine import Arena
-from epd.core.config import Settings
+from epd.core.config import Settings, check_mooncake_env
 
 STAGING_MB = 64  # the registered buffer that every read and write moves through
 
@@ -29,8 +28,7 @@ class MooncakeStore:
     def __init__(self, settings: Settings, segment_mb: int | None = None) -> None:
         if not settings.mooncake_master or not settings.mooncake_metadata:
             raise ValueError("Mooncake Store needs --mooncake-master and --mooncake-metadata (or EPD_MOONCAKE_*)")
-        # The transfer engine's sockets bind this address, not every interface.
-        os.environ["MC_TCP_BIND_ADDRESS"] = settings.tcp_bind_address
+        check_mooncake_env(settings)  # its transfer engine's sockets bind this process's address, not every interface
         from mooncake.store import MooncakeDistributedStore, ReplicateConfig
 
         self._store = MooncakeDistributedStore()

@@ -13,20 +13,20 @@ instead, so GPU tensors would move without a host copy (not built: no RDMA here 
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from epd.core.config import Settings
+from epd.connectors.kv import KVTransferError
+from epd.core.config import Settings, check_mooncake_env
 
 ALIGN = 4096  # ranges start on page boundaries
 NAME_ATTEMPTS = 8
 
 
-class TransferError(RuntimeError):
+class TransferError(KVTransferError):
     pass
 
 
@@ -76,7 +76,7 @@ class TransferLink:
     def __init__(self, settings: Settings, buffer_mb: float) -> None:
         if not settings.mooncake_metadata:
             raise ValueError("the direct KV transfer needs --mooncake-metadata (or EPD_MOONCAKE_METADATA)")
-        os.environ["MC_TCP_BIND_ADDRESS"] = settings.tcp_bind_address  # the address it advertises
+        check_mooncake_env(settings)  # the address it binds and advertises
         from mooncake.engine import TransferEngine
 
         # "host:port" names this engine's segment in the metadata server; the engine listens on a port

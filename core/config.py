@@ -265,3 +265,25 @@ class Settings:
     def flags(cls) -> list[dataclasses.Field]:
         """The settings that are also CLI flags (`--name-with-dashes`)."""
         return [f for f in dataclasses.fields(cls) if f.metadata["flag"]]
+
+
+MOONCAKE_BIND_ENV = "MC_TCP_BIND_ADDRESS"
+
+
+def export_mooncake_env(settings: Settings) -> None:
+    """At a process's entry, before any Mooncake client starts: Mooncake's TCP transport reads the address it binds
+    and advertises from the environment only (neither the store's `setup`, its config dict, nor the engine's
+    `initialize` takes it). Set from this process's own settings, even over an inherited value: a worker that
+    inherited its launcher's address advertised that one, and its peers found nothing there."""
+    os.environ[MOONCAKE_BIND_ENV] = settings.tcp_bind_address
+
+
+def check_mooncake_env(settings: Settings) -> None:
+    """What a Mooncake client checks before it starts: the environment names this process's own address."""
+    found = os.environ.get(MOONCAKE_BIND_ENV)
+    if found != settings.tcp_bind_address:
+        raise ValueError(
+            f"{MOONCAKE_BIND_ENV} is {found!r}, not this process's address {settings.tcp_bind_address!r} "
+            f"(EPD_BIND_HOST): Mooncake would advertise the wrong one. A process sets it at its entry "
+            "(epd.core.config.export_mooncake_env)"
+        )

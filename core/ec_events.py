@@ -31,7 +31,11 @@ class Landed:
             await self.nc.publish(subjects.ec_landed(key), b"")
 
     async def _on(self, msg: nats.aio.msg.Msg) -> None:
-        for event in self._waiting.get(msg.subject.rsplit(".", 1)[-1], ()):
+        self.heard(msg.subject.rsplit(".", 1)[-1])
+
+    def heard(self, key: str) -> None:
+        """`key`'s embedding landed: wake whoever waits for it."""
+        for event in self._waiting.get(key, ()):
             event.set()
 
     def watch(self, keys: list[str]) -> asyncio.Event:

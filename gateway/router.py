@@ -3,13 +3,10 @@
 Image bytes enter the system here, once: each image is checked, stored in the image store under its content
 key, and the request goes on with keys only (no message carries image bytes).
 
-- text only                    -> prefill
-- images, all in the EC cache  -> prefill, with their keys (no encoder involved)
-- images, some missing         -> encode, naming only the missing ones that no other request is
-                                  encoding now; those are `pending`, and prefill waits for them
-- images missing, all pending  -> prefill, which waits for them in the cache
-- no encoder alive             -> prefill, which encodes inline (EPD_INLINE_ENCODE=fallback, the default)
-- `epd` topology               -> prefill; the aggregated worker encodes what its own cache lacks
+Where each image's embedding comes from (the encoder cache, the encoders, an encode in flight, or prefill
+itself) is `core.routing.RoutingPolicy`'s answer, the same policy prefill asks. A request with an image to
+encode goes to the encoders, split over as many as are alive; any other goes to prefill (text-only requests
+to their own lane).
 """
 
 from __future__ import annotations
@@ -17,20 +14,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 
-import nats
 from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
 from epd.core import metrics, subjects
+from epd.core.claims import EncodeClaims
 from epd.core.images import BadImage, ImageTooLarge, open_image
+from epd.core.routing import Route, RoutingPolicy, Source
 from epd.core.runtime import Runtime
 from epd.core.tracing import tracer
 from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EncodeJob
 from epd.schemas.prefill import PrefillJob
 from epd.schemas.request import Request
-from nats.js.api import KeyValueConfig
-from nats.js.kv import KeyValue
+from opentelemetry import trace
 
 from .errors import ApiError
 
@@ -43,38 +40,15 @@ def _one(role: str) -> int:
     return 1
 
 
-class EncodeClaims:
-    """Which images some request is being encoded for right now, across every gateway.
-
-    A claim is a create in a NATS key-value bucket (atomic: one creator wins) that expires after
-    `ENCODING_CLAIM_TTL_S`, so a claim whose encode died frees itself.
-    """
-
-    def __init__(self, js: nats.js.JetStreamContext) -> None:
-        self.js = js
-        self._kv: KeyValue | None = None
-
-    async def claim(self, key: str) -> bool:
-        """True: the caller encodes `key`; False: another request already is."""
-        if self._kv is None:
-            try:
-                self._kv = await self.js.key_value(subjects.ENCODING_BUCKET)
-            except nats.js.errors.BucketNotFoundError:
-                self._kv = await self.js.create_key_value(
-                    KeyValueConfig(bucket=subjects.ENCODING_BUCKET, ttl=subjects.ENCODING_CLAIM_TTL_S, history=1)
-                )
-        try:
-            await self._kv.create(key, b"")
-            return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-
-
 class Router:
     def __init__(self, rt: Runtime, keys: KeySpace, ec: ECConnector | None) -> None:
         self.rt, self.keys, self.ec = rt, keys, ec  # ec None: no shared cache to ask (epd topology)
         self.images = ImageStore(rt.js, rt.settings.image_ttl_s)
         self.claims = EncodeClaims(rt.js)
+        s = rt.settings
+        self.policy = RoutingPolicy(
+            shared_cache=ec is not None, inline_fallback=s.inline_encode, encode_wait_s=s.encode_wait_s
+        )
         self.live: Callable[[str], Awaitable[bool]] = _always_live  # the gateway plugs in its view of the pool
         self.pool_size: Callable[[str], int] = _one
         self.settings = rt.settings
@@ -143,37 +117,42 @@ class Router:
         images = req.images()
         with tracer().start_as_current_span("route", attributes={"epd.images": len(images)}) as span:
             keys = await self._store_images(images)
-            present = await self.ec.exists(keys) if (self.ec and keys) else [False] * len(keys)
-            missing = [i for i, p in enumerate(present) if not p]
-            span.set_attribute("epd.ec_hits", len(keys) - len(missing))
-            if self.ec is not None:
-                metrics.EC_LOOKUPS.labels("router", "hit").inc(len(keys) - len(missing))
-                metrics.EC_LOOKUPS.labels("router", "miss").inc(len(missing))
-            # In-flight de-duplication: of the missing images, encode those no other request is encoding now.
-            shared = self.ec is not None  # the aggregated worker's cache is its own: nothing to share
-            pending = [i for i in missing if not await self.claims.claim(keys[i])] if missing and shared else []
-            claimed = [i for i in missing if i not in pending]
-            span.set_attribute("epd.ec_pending", len(pending))
-            # no encoder alive: prefill encodes what the cache lacks itself, if allowed (else admission said 503)
-            inline = bool(claimed) and self.settings.inline_encode and not await self.live("encode")
-            span.set_attribute("epd.encode_inline", inline)
-            if not keys or self.ec is None or not claimed or inline:
-                images = [ImageEmbedding(key=k) for k in keys]
-                job = PrefillJob(request=req, images=images, pending=pending, encode_inline=inline)
-                subject, stage = (subjects.PREFILL, "prefill") if keys else (subjects.PREFILL_TEXT, "prefill")
-            else:
-                # several images, several encoders: encode in parallel; the lead part hands over to
-                # prefill, which waits for the other parts in the cache as it waits for `pending` ones
-                lead, *parts = split_images(claimed, images, max(1, self.pool_size("encode")))
-                for n, part in enumerate(parts, 1):
-                    side = EncodeJob(request=req, keys=keys, missing=part, handoff=False)
-                    await self.rt.publish(subjects.ENCODE, side, req.request_id, req.reply_to, f"encode-{n}")
-                job = EncodeJob(request=req, keys=keys, missing=lead, pending=pending + [i for p in parts for i in p])
+            route = await self._route_images(keys)
+            span.set_attribute("epd.ec_hits", len(route.where(Source.CACHED)))
+            span.set_attribute("epd.ec_pending", len(route.where(Source.WAIT)))
+            span.set_attribute("epd.encode_inline", route.inline)
+            if route.to_encoders:
                 subject, stage = subjects.ENCODE, "encode"
-                span.set_attribute("epd.encode_parts", 1 + len(parts))
+                job = await self._split_over_encoders(req, keys, route)
+            else:
+                subject, stage = (subjects.PREFILL, "prefill") if keys else (subjects.PREFILL_TEXT, "prefill")
+                waits = route.where(Source.WAIT)
+                refs = [ImageEmbedding(key=k) for k in keys]
+                job = PrefillJob(request=req, images=refs, pending=waits, encode_inline=route.inline)
             span.set_attribute("epd.route", stage)
             await self.rt.publish(subject, job, req.request_id, req.reply_to, stage)
             return subject
+
+    async def _route_images(self, keys: list[str]) -> Route:
+        """The policy's source for each image, from the cache, the encode claims and the pool."""
+        present = await self.ec.exists(keys) if (self.ec and keys) else [False] * len(keys)
+        if self.ec is not None:
+            hits = sum(present)
+            metrics.EC_LOOKUPS.labels("router", "hit").inc(hits)
+            metrics.EC_LOOKUPS.labels("router", "miss").inc(len(keys) - hits)
+        return await self.policy.at_gateway(keys, present, self.claims.claim, lambda: self.live("encode"))
+
+    async def _split_over_encoders(self, req: Request, keys: list[str], route: Route) -> EncodeJob:
+        """Several images, several encoders: encode in parallel. The side parts are published here; the lead part
+        (returned) hands over to prefill, which waits for the other parts in the cache as for `pending` ones."""
+        images = req.images()
+        lead, *parts = split_images(route.where(Source.ENCODE), images, max(1, self.pool_size("encode")))
+        for n, part in enumerate(parts, 1):
+            side = EncodeJob(request=req, keys=keys, missing=part, handoff=False)
+            await self.rt.publish(subjects.ENCODE, side, req.request_id, req.reply_to, f"encode-{n}")
+        trace.get_current_span().set_attribute("epd.encode_parts", 1 + len(parts))
+        pending = route.where(Source.WAIT) + [i for p in parts for i in p]
+        return EncodeJob(request=req, keys=keys, missing=lead, pending=pending)
 
 
 def split_images(indexes: list[int], images: list[ImagePart], ways: int) -> list[list[int]]:

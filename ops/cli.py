@@ -104,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "up":
         return _up(args, settings)
     if args.command in ("worker", "gateway"):  # (they run Mooncake clients, whose listeners bind "any")
+        from epd.core.config import export_mooncake_env
         from epd.ops.bind_guard import reexec_guarded
+
+        export_mooncake_env(settings)  # this process's own address, whatever it inherited
 
         reexec_guarded(settings.bind_host)
     if args.command == "worker":

@@ -26,9 +26,9 @@ from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.core import subjects
-from epd.core.config import Settings
+from epd.core.claims import EncodeClaims
+from epd.core.config import Settings, export_mooncake_env
 from epd.core.runtime import Runtime
-from epd.gateway.router import EncodeClaims
 from epd.schemas.common import ImagePart, Message
 from epd.schemas.encode import EncodeJob
 from epd.schemas.request import Request
@@ -39,6 +39,7 @@ POLL_S = 0.05
 
 def shared_cache(settings: Settings) -> tuple[ECConnector, MooncakeStore | None]:
     """The cache the workers share; a Mooncake client here lends no memory (it only asks what exists)."""
+    export_mooncake_env(settings)  # (a client's process: its Mooncake client advertises this address)
     store = MooncakeStore(settings, segment_mb=0) if settings.ec_backend == "mooncake" else None
     return ec_connector(settings, store), store  # type: ignore[arg-type]  # shared-dir needs no store
 

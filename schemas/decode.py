@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+from enum import IntEnum
+
 from epd.schemas.common import SamplingParams, Struct, TensorHandle
+
+
+class KVPath(IntEnum):
+    """How a request's KV travels from prefill to decode."""
+
+    STORE = 1  # through Mooncake Store: any decoder can load it
+    DIRECT = 2  # written into one decoder's granted room on its TransferEngine
+
+
+class KVHandle(Struct):
+    """A request's KV, wherever it is: `tensor.key` is the store key (STORE) or the decoder's grant id (DIRECT)."""
+
+    path: KVPath
+    tensor: TensorHandle  # (layers, 2, kv_heads, prompt_tokens, head_dim), one contiguous block
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.nbytes
 
 
 class KVReady(Struct, tag="epd.kv_ready.v1"):
@@ -13,7 +33,7 @@ class KVReady(Struct, tag="epd.kv_ready.v1"):
     prompt_tokens: int
     first_token: int  # already sent to the client as chunk 0
     rope_delta: int  # M-RoPE: decode position = text position + rope_delta
-    kv: TensorHandle  # (layers, 2, kv_heads, prompt_tokens, head_dim), one contiguous block
+    kv: KVHandle
     resume_tokens: list[int] = []  # a continuation's earlier tokens (counted in prompt_tokens): text goes on after them
 
 

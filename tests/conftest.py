@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
-from epd.core.config import Settings
+from epd.core.config import Settings, export_mooncake_env
 from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.processes import free_port, spawn, stop, wait_until
 from epd.ops.up import Cluster
@@ -55,20 +55,25 @@ def mooncake_master(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Moonca
 
 @pytest.fixture(scope="session")
 def infra_settings(tiny_model: Path, nats_server: NatsServer, mooncake_master: MooncakeMaster) -> Settings:
-    return Settings(
+    settings = Settings(
         model=tiny_model,
         nats_url=nats_server.url,
         mooncake_master=mooncake_master.master_address,
         mooncake_metadata=mooncake_master.metadata_url,
         mooncake_segment_mb=32,
     )
+    export_mooncake_env(settings)  # this pytest process's own Mooncake clients, as a worker's entry does
+    return settings
 
 
 def start_cluster(
     tiny_model: Path, workdir: Path, topology: str, counts: dict[str, int] | None = None, **settings_: object
 ) -> Cluster:
-    """A topology with its own NATS server and Mooncake master, as `epd up` starts it."""
-    return Cluster.local(tiny_model, workdir, topology, counts, mooncake_segment_mb=32, **settings_)
+    """A topology with its own NATS server and Mooncake master, as `epd up` starts it. This process's own Mooncake
+    clients (a test's look into the store) advertise the cluster's address."""
+    cluster = Cluster.local(tiny_model, workdir, topology, counts, mooncake_segment_mb=32, **settings_)
+    export_mooncake_env(cluster.settings)
+    return cluster
 
 
 @contextmanager

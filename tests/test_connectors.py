@@ -15,6 +15,7 @@ from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.tensors import TensorIntegrityError, from_bytes, handle_for, to_bytes
 from epd.connectors.transfer_engine import Arena
 from epd.core.config import Settings
+from epd.schemas.decode import KVPath
 
 pytestmark = pytest.mark.integration
 
@@ -181,16 +182,35 @@ async def test_kv_send_recv_release(store: MooncakeStore) -> None:
     kv_conn = MooncakeStoreKVConnector(store, lease_wait_s=0.25)
     kv = torch.randn(2, 2, 2, 67, 16)
     handle = await kv_conn.send("req-kv-1", kv)
-    assert handle.shape == [2, 2, 2, 67, 16] and handle.nbytes == kv.numel() * 4
+    assert handle.path is KVPath.STORE and handle.tensor.shape == [2, 2, 2, 67, 16] and handle.nbytes == kv.numel() * 4
     assert torch.equal(await kv_conn.recv(handle), kv)
     await kv_conn.release(handle)
     for _ in range(10):  # bounded; polls slower than the lease, since a check pins the key too
         await asyncio.sleep(0.5)
-        if not (await store.exists([handle.key]))[0]:
+        if not (await store.exists([handle.tensor.key]))[0]:
             break
-    assert not (await store.exists([handle.key]))[0]
+    assert not (await store.exists([handle.tensor.key]))[0]
     with pytest.raises(KVTransferError, match="not in the store"):
         await kv_conn.recv(handle)
+
+
+async def test_kv_written_layer_by_layer_goes_to_the_store_at_finish(store: MooncakeStore) -> None:
+    """The store path's writer (prefill hands it each layer as the forward computes it): nothing is in the
+    store before `finish`; an abort leaves nothing; a layer missing fails `finish`."""
+    kv_conn = MooncakeStoreKVConnector(store, lease_wait_s=0.25)
+    kv = torch.randn(3, 2, 2, 19, 16)
+    writer = await kv_conn.open("req-kv-layers", tuple(kv.shape), kv.dtype)
+    for layer in range(kv.shape[0]):
+        writer.write_layer(layer, kv[layer, 0], kv[layer, 1])
+    assert not (await store.exists([writer.key]))[0]
+    handle = await writer.finish()
+    assert handle.path is KVPath.STORE and torch.equal(await kv_conn.recv(handle), kv)
+    await kv_conn.release(handle)
+    short = await kv_conn.open("req-kv-short", tuple(kv.shape), kv.dtype)
+    short.write_layer(0, kv[0, 0], kv[0, 1])
+    with pytest.raises(KVTransferError, match="1 of 3 layers"):
+        await short.finish()
+    assert not (await store.exists([short.key]))[0]
 
 
 @pytest.mark.parametrize("staging", ["shared buffer", "registered for the call"])
@@ -209,9 +229,9 @@ async def test_kv_larger_than_the_clients_transfer_buffer(store: MooncakeStore, 
     await kv_conn.release(handle)
     for _ in range(10):
         await asyncio.sleep(0.5)
-        if not (await store.exists([handle.key]))[0]:
+        if not (await store.exists([handle.tensor.key]))[0]:
             break
-    assert not (await store.exists([handle.key]))[0]
+    assert not (await store.exists([handle.tensor.key]))[0]
 
 
 async def test_a_store_writes_its_segment_through_at_start_and_frees_it(infra_settings: Settings) -> None:

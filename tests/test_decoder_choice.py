@@ -29,14 +29,14 @@ def decoder(worker_id: str, kv_tokens: int = 0, capacity: int = 1000, age_s: flo
 
 @pytest.mark.unit
 def test_the_decoder_with_the_most_free_kv_is_chosen() -> None:
-    picker = DecoderPicker(rt=None)  # type: ignore[arg-type]  # pick() never touches NATS
+    picker = DecoderPicker(read=None)  # type: ignore[arg-type]  # pick() reads nothing
     picker.update([decoder("a", kv_tokens=600), decoder("b", kv_tokens=100), decoder("c", capacity=400)])
     assert picker.pick(100) == "b"  # 900 free, against 400 and 400
 
 
 @pytest.mark.unit
 def test_what_was_sent_since_the_last_beat_counts_against_a_decoder() -> None:
-    picker = DecoderPicker(rt=None)  # type: ignore[arg-type]
+    picker = DecoderPicker(read=None)  # type: ignore[arg-type]  # pick() reads nothing
     picker.update([decoder("a", age_s=0.5), decoder("b", kv_tokens=300, age_s=0.5)])
     assert [picker.pick(400) for _ in range(4)] == ["a", "b", "a", "b"]  # a: 1000, then 600 < b's 700, ...
     picker.update([decoder("a", kv_tokens=800), decoder("b", kv_tokens=200)])  # fresh beats include them
@@ -45,7 +45,7 @@ def test_what_was_sent_since_the_last_beat_counts_against_a_decoder() -> None:
 
 @pytest.mark.unit
 def test_equal_decoders_take_turns_and_no_decoder_means_the_shared_queue() -> None:
-    picker = DecoderPicker(rt=None)  # type: ignore[arg-type]
+    picker = DecoderPicker(read=None)  # type: ignore[arg-type]  # pick() reads nothing
     assert picker.pick(10) is None
     picker.update([decoder("a"), decoder("b"), decoder("c")])
     picker._sent.clear()  # as if every beat already counted what was sent: all equal, every time

@@ -13,12 +13,13 @@ import nats
 import pytest
 import torch
 from epd.connectors.kv import KVTransferError
-from epd.connectors.kv_direct import DIRECT_PREFIX, KVLanding, KVSender
+from epd.connectors.kv_direct import DirectKVConnector, KVLanding
 from epd.connectors.tensors import TensorIntegrityError
 from epd.connectors.transfer_engine import Arena, TransferError, TransferLink
 from epd.core.config import Settings
 from epd.ops.trace_view import load_spans, spans_for_request
-from epd.schemas.decode import KVReserve
+from epd.schemas.decode import KVPath, KVReserve
+from epd.workers.kv_rooms import NatsKVRooms, serve_kv_rooms
 
 from .conftest import MAX_NEW, chat_body, png_bytes, post, start_cluster
 from .oracle import reference
@@ -39,9 +40,9 @@ class Pair:
     async def __aenter__(self) -> "Pair":
         self.nc = await nats.connect(self.settings.nats_url)
         self.landing = KVLanding(TransferLink(self.settings, self.decoder_mb), self.ttl_s)
-        self.sender = KVSender(TransferLink(self.settings, self.prefill_mb), self.nc)
+        self.sender = DirectKVConnector(TransferLink(self.settings, self.prefill_mb), rooms=NatsKVRooms(self.nc))
         self.stop = asyncio.Event()
-        self.serving = asyncio.create_task(self.landing.serve(self.nc, "decoder-1", self.stop))
+        self.serving = asyncio.create_task(serve_kv_rooms(self.landing, self.nc, "decoder-1", self.stop))
         await asyncio.sleep(0.1)  # subscribed
         return self
 
@@ -59,7 +60,7 @@ class Pair:
         assert self.landing.granted_bytes == 0 and self.sender.link.arena.used == 0
 
     async def send(self, kv: torch.Tensor) -> tuple[object, object]:
-        writer = await self.sender.open("decoder-1", "req-1", tuple(kv.shape), kv.dtype)
+        writer = await self.sender.open("req-1", tuple(kv.shape), kv.dtype, "decoder-1")
         assert writer is not None
         for layer in range(kv.shape[0]):
             writer.write_layer(layer, kv[layer, 0], kv[layer, 1])
@@ -76,14 +77,14 @@ async def test_layers_written_one_by_one_load_bit_for_bit_and_free_both_sides(pa
     for seed in range(3):  # the ranges are reused
         kv = kv_of(seed=seed)
         writer, handle = await pair.send(kv)
-        assert handle.key.startswith(DIRECT_PREFIX) and handle.nbytes == kv.numel() * 4
+        assert handle.path is KVPath.DIRECT and handle.nbytes == kv.numel() * 4
         assert pair.landing.granted_bytes == handle.nbytes  # held until loaded
         assert pair.sender.link.arena.used == 0  # staging freed once the writes landed
-        loaded = await asyncio.to_thread(pair.landing.take, handle)
+        loaded = await asyncio.to_thread(pair.landing.take, handle.tensor)
         assert torch.equal(loaded, kv)
         assert pair.landing.granted_bytes == 0 and pair.landing.link.arena.used == 0
         with pytest.raises(KVTransferError, match="not held"):  # loaded once; a second load is refused
-            pair.landing.take(handle)
+            pair.landing.take(handle.tensor)
 
 
 async def test_a_corrupted_landing_is_caught_by_the_checksum(pair: Pair) -> None:
@@ -92,13 +93,13 @@ async def test_a_corrupted_landing_is_caught_by_the_checksum(pair: Pair) -> None
     offset = next(iter(pair.landing._grants.values()))[0]
     pair.landing.link.buffer[offset + 100] ^= 0xFF  # one byte flipped after it landed
     with pytest.raises(TensorIntegrityError, match="checksum"):
-        pair.landing.take(handle)
+        pair.landing.take(handle.tensor)
     assert pair.landing.granted_bytes == 0  # a failed load frees the room too
 
 
 async def test_an_aborted_writer_releases_the_decoders_grant(pair: Pair) -> None:
     kv = kv_of()
-    writer = await pair.sender.open("decoder-1", "req-2", tuple(kv.shape), kv.dtype)
+    writer = await pair.sender.open("req-2", tuple(kv.shape), kv.dtype, "decoder-1")
     writer.write_layer(0, kv[0, 0], kv[0, 1])
     assert pair.landing.granted_bytes > 0
     await writer.abort()  # e.g. the request ended at its first token
@@ -109,7 +110,7 @@ async def test_a_forward_run_again_takes_the_store_path(pair: Pair) -> None:
     """A failed prefill batch is retried item by item: layers come again from 0, and the streamed checksum
     would not match what landed. The writer refuses, and prefill sends the KV through the store."""
     kv = kv_of()
-    writer = await pair.sender.open("decoder-1", "req-6", tuple(kv.shape), kv.dtype)
+    writer = await pair.sender.open("req-6", tuple(kv.shape), kv.dtype, "decoder-1")
     writer.write_layer(0, kv[0, 0], kv[0, 1])
     writer.write_layer(1, kv[1, 0], kv[1, 1])
     for layer in range(kv.shape[0]):  # the retry
@@ -121,8 +122,8 @@ async def test_a_forward_run_again_takes_the_store_path(pair: Pair) -> None:
 
 async def test_no_room_or_no_decoder_means_the_store_path(pair: Pair) -> None:
     big = (40, 2, 8, 1024, 64)  # 160 MB of float32: more than the 4 MiB buffers
-    assert await pair.sender.open("decoder-1", "req-3", big, torch.float32) is None
-    assert await pair.sender.open("no-such-decoder", "req-4", SHAPE, torch.float32) is None
+    assert await pair.sender.open("req-3", big, torch.float32, "decoder-1") is None
+    assert await pair.sender.open("req-4", SHAPE, torch.float32, "no-such-decoder") is None
     assert pair.sender.link.arena.used == 0 and pair.landing.granted_bytes == 0
     refused = pair.landing.reserve(KVReserve(request_id="x", nbytes=8 << 20))
     assert not refused.granted and "EPD_KV_BUFFER_MB" in refused.reason
@@ -131,7 +132,7 @@ async def test_no_room_or_no_decoder_means_the_store_path(pair: Pair) -> None:
 async def test_an_unloaded_grant_expires(infra_settings: Settings) -> None:
     async with Pair(infra_settings, ttl_s=0.5, decoder_mb=4, prefill_mb=4) as p:
         kv = kv_of()
-        writer = await p.sender.open("decoder-1", "req-5", tuple(kv.shape), kv.dtype)
+        writer = await p.sender.open("req-5", tuple(kv.shape), kv.dtype, "decoder-1")
         assert p.landing.granted_bytes > 0
         started = time.monotonic()
         while p.landing.granted_bytes and time.monotonic() - started < 5:  # the serve loop sweeps

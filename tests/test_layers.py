@@ -42,3 +42,26 @@ def test_the_import_reader_sees_a_forbidden_import(tmp_path: Path) -> None:
     m = tmp_path / "m.py"
     m.write_text("import os\nfrom epd.core import subjects\n\ndef f():\n    from epd.workers.runtime import Runtime\n")
     assert _epd_imports(m) == {"core", "workers"}
+
+
+def _writes_environ(path: Path) -> bool:
+    """Whether a module assigns to `os.environ[...]`, or calls `os.environ.update` / `setdefault` / `os.putenv`."""
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        targets = node.targets if isinstance(node, ast.Assign) else []
+        if any(isinstance(t, ast.Subscript) and ast.unparse(t.value) == "os.environ" for t in targets):
+            return True
+        if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+            "os.environ.update",
+            "os.environ.setdefault",
+            "os.putenv",
+        ):
+            return True
+    return False
+
+
+def test_connectors_leave_the_environment_to_the_process_entry(tmp_path: Path) -> None:
+    """A process's environment is its entry's to set (core.config.export_mooncake_env), not a library's."""
+    assert [m.name for m in sorted((ROOT / "connectors").glob("*.py")) if _writes_environ(m)] == []
+    m = tmp_path / "m.py"
+    m.write_text("import os\n\ndef f():\n    os.environ['X'] = '1'\n")
+    assert _writes_environ(m)

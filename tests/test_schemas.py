@@ -12,7 +12,7 @@ from epd.schemas.common import (
     Usage,
 )
 from epd.schemas.control import Cancel
-from epd.schemas.decode import KVReady
+from epd.schemas.decode import KVHandle, KVPath, KVReady
 from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.schemas.prefill import PrefillInput, PrefillJob
 from epd.schemas.reply import ErrorReply, Reply, TokenChunk
@@ -41,7 +41,7 @@ MESSAGES = [
         prompt_tokens=9,
         first_token=4,
         rope_delta=-3,
-        kv=HANDLE,
+        kv=KVHandle(path=KVPath.DIRECT, tensor=HANDLE),
     ),
     TokenChunk(
         request_id="r1",

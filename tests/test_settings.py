@@ -1,11 +1,12 @@
 """Settings declared once: the field's metadata drives the environment, `env()`, the CLI flags and the docs."""
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
 import pytest
-from epd.core.config import SettingError, Settings
+from epd.core.config import MOONCAKE_BIND_ENV, SettingError, Settings, check_mooncake_env, export_mooncake_env
 from epd.ops.cli import _settings, parser
 
 pytestmark = pytest.mark.unit
@@ -86,3 +87,17 @@ def test_each_role_runs_the_engine_it_has() -> None:
     assert Settings(encode_engine="vllm").engine_for("pd") == "epd"
     with pytest.raises(ValueError, match="'tgi'"):
         Settings(encode_engine="tgi")
+
+
+def test_a_process_advertises_its_own_mooncake_address_not_an_inherited_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mooncake reads its bind address from the environment only: the process's entry sets it from its settings,
+    over whatever it inherited, and a Mooncake client refuses to start on another one."""
+    settings = Settings(bind_host="127.0.0.3")
+    monkeypatch.setenv(MOONCAKE_BIND_ENV, "127.0.0.1")  # its launcher's
+    with pytest.raises(ValueError, match=r"'127.0.0.1', not this process's address '127.0.0.3'"):
+        check_mooncake_env(settings)
+    export_mooncake_env(settings)
+    assert os.environ[MOONCAKE_BIND_ENV] == "127.0.0.3"
+    check_mooncake_env(settings)
+    export_mooncake_env(Settings(bind_host="0.0.0.0"))  # any interface: the address peers can reach
+    assert os.environ[MOONCAKE_BIND_ENV] == Settings(bind_host="0.0.0.0").reachable_host

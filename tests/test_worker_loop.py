@@ -19,8 +19,9 @@ pytestmark = pytest.mark.integration
 class EchoStage:
     """Replies with the request id; fails on request for a failure."""
 
-    name = "test-echo"
-    subject = "epd.test.echo"
+    name = durable = "test-echo"
+    subject = label = "epd.test.echo"
+    inactive_s = None
     capacity = 2
     message_type = Cancel
 
@@ -125,8 +126,9 @@ async def test_a_request_that_exhausts_its_deliveries_is_answered(infra_settings
 class CrashOnceStage:
     """The first delivery dies mid-work (no ack, as when the process is killed); the next one succeeds."""
 
-    name = "test-redeliver"
-    subject = "epd.redeliver.job"
+    name = durable = "test-redeliver"
+    subject = label = "epd.redeliver.job"
+    inactive_s = None
     capacity = 1
     message_type = Cancel
 

@@ -8,16 +8,16 @@ process runs in its one continuous batch (`decode_batch.py`).
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from epd.connectors.kv import KVConnector, KVTransferError
 from epd.connectors.tensors import TensorIntegrityError
 from epd.core import metrics, subjects
-from epd.core.runtime import Runtime
 from epd.core.tracing import tracer
 from epd.schemas.common import FinishReason, SamplingParams, Usage
-from epd.schemas.decode import KVReady
+from epd.schemas.decode import KVPath, KVReady
 from epd.schemas.reply import TokenChunk
 from epd.workers.decode_batch import DecodeBatch
 from epd.workers.engine.checkpoint import Checkpoint
@@ -26,6 +26,7 @@ from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.stops import StopStrings
 from epd.workers.errors import RequestFailed
+from epd.workers.services import Services
 
 
 @dataclass
@@ -68,13 +69,13 @@ def prime_text(gen: Generation, tokens: list[int]) -> None:
 
 
 class Decoder:
-    """Runs generations on one family in one continuous batch; replies go through the runtime."""
+    """Runs generations on one family in one continuous batch; replies go through the outbox."""
 
-    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family) -> None:
-        self.rt, self.family = rt, family
-        cache = PagedKVCache(family.kv_layout(), int(rt.settings.kv_cache_mb * 2**20))
+    def __init__(self, sv: Services, ckpt: Checkpoint, family: Family) -> None:
+        self.out, self.family = sv.out, family
+        cache = PagedKVCache(family.kv_layout(), int(sv.settings.kv_cache_mb * 2**20))
         self.batch = DecodeBatch(
-            family, cache, rt.settings.max_seqs, ckpt.eos_token_ids(), ckpt.max_model_len(), rt.cancelled, rt.load
+            family, cache, sv.settings.max_seqs, ckpt.eos_token_ids(), ckpt.max_model_len(), sv.cancelled, sv.load
         )
 
     async def generate(self, gen: Generation, kv: torch.Tensor, rope_delta: int) -> None:
@@ -96,7 +97,7 @@ class Decoder:
                         gen.tokens.append(token)
                         steps += 1
                     reply = chunk(gen, gen.seq, token, reason)
-                    await self.rt.reply(gen.reply_to, reply)
+                    await self.out.reply(gen.reply_to, reply)
                     gen.seq += 1
                     if reply.finish_reason:
                         span.set_attribute("gen_ai.response.finish_reasons", (reply.finish_reason.name.lower(),))
@@ -110,25 +111,31 @@ class Decoder:
 
 
 class DecodeStage:
-    name = "decode"
-    subject = subjects.DECODE
+    name = durable = "decode"
+    subject = label = subjects.DECODE
+    inactive_s = None
     message_type = KVReady
 
-    def __init__(self, rt: Runtime, ckpt: Checkpoint, family: Family, kv: KVConnector) -> None:
-        self.rt, self.ckpt, self.family, self.kv = rt, ckpt, family, kv
-        self.capacity = rt.settings.max_seqs  # admission (free slots and KV) decides who runs
-        self.decoder = Decoder(rt, ckpt, family)
+    def __init__(self, sv: Services, ckpt: Checkpoint, family: Family, kv: Mapping[KVPath, KVConnector]) -> None:
+        """`kv`: the connector that loads each path's handles (the store's, and the direct one's if enabled)."""
+        self.ckpt, self.family, self.kv = ckpt, family, kv
+        self.capacity = sv.settings.max_seqs  # admission (free slots and KV) decides who runs
+        self.decoder = Decoder(sv, ckpt, family)
 
     async def handle(self, job: KVReady) -> None:
+        connector = self.kv.get(job.kv.path)
         with tracer().start_as_current_span("kv.recv", attributes={"epd.bytes": job.kv.nbytes}):
             try:
-                kv = await self.kv.recv(job.kv)
+                if connector is None:  # (a direct handle moved to a decoder that takes none: its grant is elsewhere)
+                    raise KVTransferError(f"this decoder loads no {job.kv.path.name} KV")
+                kv = await connector.recv(job.kv)
             except KVTransferError as e:  # (its first decoder died holding it): the client goes on from its tokens
                 raise RequestFailed(503, f"the request's KV cache is lost: {e}", "server_error", True) from None
             except TensorIntegrityError as e:
                 raise RequestFailed(500, f"the request's KV cache is corrupt: {e}", "server_error") from None
             finally:
-                await self.kv.release(job.kv)
+                if connector is not None:
+                    await connector.release(job.kv)
         metrics.CONNECTOR_BYTES.labels("kv", "load").inc(job.kv.nbytes)
         gen = Generation(
             request_id=job.request_id,

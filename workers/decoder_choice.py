@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
 
 import nats
 from epd.core import subjects
@@ -34,8 +35,9 @@ def decoder_durable(worker_id: str) -> str:
 
 
 class DecoderPicker:
-    def __init__(self, rt: Runtime, refresh_s: float = 1.0) -> None:
-        self.rt, self.refresh_s = rt, refresh_s
+    def __init__(self, read: Callable[[], Awaitable[list[WorkerStatus]]], refresh_s: float = 1.0) -> None:
+        """`read`: the live workers' heartbeats (`core.heartbeat.live_workers` over NATS; a fake in a unit test)."""
+        self.read, self.refresh_s = read, refresh_s
         self.decoders: list[WorkerStatus] = []
         self._read_at = float("-inf")
         self._sent: dict[str, list[tuple[float, int]]] = defaultdict(list)  # worker -> (when, tokens)
@@ -46,7 +48,7 @@ class DecoderPicker:
         """The decoder for a request that will hold `tokens` of KV; None when no decoder heartbeats."""
         if time.monotonic() - self._read_at > self.refresh_s:
             try:
-                self.update(await live_workers(self.rt.js))
+                self.update(await self.read())
             except (nats.errors.Error, asyncio.TimeoutError) as e:
                 log.warning("cannot read the decoders' heartbeats, keeping the last view: %s", e)
             self._read_at = time.monotonic()

@@ -7,21 +7,19 @@ import logging
 from dataclasses import dataclass
 from typing import Protocol
 
-import nats
 import torch
 from epd.connectors.ec import ECConnector
 from epd.connectors.image_store import ImageMissing, ImageStore
 from epd.core import metrics, subjects
 from epd.core.ec_events import Landed
 from epd.core.images import BadImage, open_image
-from epd.core.runtime import Runtime
 from epd.core.tracing import tracer
 from epd.schemas.common import ImageEmbedding, ImagePart
 from epd.schemas.encode import EmbeddingReady, EncodeJob
 from epd.workers.engine.family import Encoded, Family, ImageRejected
 from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
-from nats.js.kv import KeyValue
+from epd.workers.services import Services
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -164,17 +162,16 @@ class ImageEncoder:
 
 
 class EncodeStage:
-    name = "encode"
-    subject = subjects.ENCODE
+    name = durable = "encode"
+    subject = label = subjects.ENCODE
+    inactive_s = None
     message_type = EncodeJob
 
-    def __init__(self, rt: Runtime, producer: Producer, ec: ECConnector) -> None:
+    def __init__(self, sv: Services, producer: Producer, ec: ECConnector) -> None:
         """`producer`: the engine that encodes (`FamilyEncoder`, or vLLM's in workers/vllm_encode.py)."""
-        self.rt, self.ec = rt, ec
-        self.capacity = rt.settings.max_batch  # a slot per request that may share a forward
-        images = ImageStore(rt.js, rt.settings.image_ttl_s)
-        self.encoder = ImageEncoder(producer, ec, images, rt.landed)
-        self._claims: KeyValue | None = None
+        self.out, self.claims = sv.out, sv.claims
+        self.capacity = sv.settings.max_batch  # a slot per request that may share a forward
+        self.encoder = ImageEncoder(producer, ec, sv.images, sv.landed)
 
     async def handle(self, job: EncodeJob) -> None:
         try:
@@ -182,25 +179,16 @@ class EncodeStage:
         finally:
             # saved (the cache answers for them now) or failed (the next request must not wait on a claim for an
             # encode that is not coming): either way the router's in-flight claims on these images are done
-            await self._release_claims([job.keys[i] for i in job.missing])
+            await self.claims.release([job.keys[i] for i in job.missing])
         if not job.handoff:  # the request's lead part hands over; prefill waits for this part in the cache
             return
         req = job.request
         # sent back by prefill (`again`), the request's first prefill message already has "prefill" as its
         # de-duplication id: this one must not be dropped as its duplicate
-        await self.rt.publish(
+        await self.out.publish(
             subjects.PREFILL,
             EmbeddingReady(request=req, images=refs, pending=job.pending, again=job.again),
             req.request_id,
             req.reply_to,
             "prefill-again" if job.again else "prefill",
         )
-
-    async def _release_claims(self, keys: list[str]) -> None:
-        try:
-            if self._claims is None:
-                self._claims = await self.rt.js.key_value(subjects.ENCODING_BUCKET)
-            for key in dict.fromkeys(keys):
-                await self._claims.delete(key)
-        except (nats.errors.Error, asyncio.TimeoutError) as e:  # no bucket (no router claimed), or NATS away: TTL
-            log.debug("encode claims not released (their TTL will): %s", e)

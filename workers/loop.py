@@ -21,6 +21,7 @@ import nats
 from epd.connectors.mooncake_store import StoreError
 from epd.core import metrics, subjects
 from epd.core.config import Settings
+from epd.core.outbox import RuntimeOutbox
 from epd.core.runtime import Runtime
 from epd.core.tracing import attempt_span_id, extract_context, fixed_span_id, tracer
 from epd.schemas.codec import Decoder, WireError
@@ -40,9 +41,12 @@ KEEPALIVES = 5  # in_progress signals per ack wait: a few may be late (a busy ev
 class Stage(Protocol):
     """A role's pure part: what it consumes and how it handles one decoded message."""
 
-    name: str  # durable consumer name, shared by every worker of this stage
-    subject: str
-    capacity: int
+    name: str  # the stage, in spans, metrics and error replies
+    durable: str  # the JetStream consumer, shared by every worker of this stage (a stage's own: its name)
+    subject: str  # what the consumer reads
+    label: str  # the subject its spans name (a lane's own subject can hold a worker id)
+    inactive_s: float | None  # delete the consumer when nobody has pulled for this long (None: never)
+    capacity: int  # messages handled at once
     message_type: Any
 
     async def handle(self, job: Any) -> None: ...
@@ -82,16 +86,17 @@ class StageLoop:
     def __init__(self, stage: Stage, rt: Runtime) -> None:
         self.stage = stage
         self.rt = rt
+        self.out = RuntimeOutbox(rt)
         self._decoder: Decoder = Decoder(stage.message_type)
         self._tasks: set[asyncio.Task] = set()
         self._stopping = asyncio.Event()
 
     async def run(self) -> None:
-        durable = getattr(self.stage, "durable", self.stage.name)
+        durable = self.stage.durable
         sub = await self.rt.js.pull_subscribe(
             self.stage.subject,
             durable=durable,
-            config=consumer_config(self.rt.settings, getattr(self.stage, "inactive_s", None)),
+            config=consumer_config(self.rt.settings, self.stage.inactive_s),
         )
         self.rt.load.capacity += self.stage.capacity
         log.info("%s: consuming %s (capacity %d)", durable, self.stage.subject, self.stage.capacity)
@@ -139,7 +144,7 @@ class StageLoop:
             links.append(Link(first, {"epd.link": "first attempt"}))
         with fixed_span_id(first_id) if attempt == 1 else nullcontext():
             span = tracer().start_span(
-                f"{stage} {getattr(self.stage, 'label', self.stage.subject)}",
+                f"{stage} {self.stage.label}",
                 context=parent,
                 kind=SpanKind.CONSUMER,
                 links=links,
@@ -221,7 +226,7 @@ class StageLoop:
         error = ErrorReply(
             request_id=request_id, seq=-1, status=status, message=message, type=type_, resumable=resumable
         )
-        await self.rt.reply(reply_to, error)
+        await self.out.error(reply_to, error)
 
 
 def _queue_span(stage: str, parent: Context, msg: nats.aio.msg.Msg, request_id: str, attempt: int) -> None:

@@ -44,7 +44,7 @@ async def run_worker(role: str, settings: Settings) -> None:
         parts = build_role(role, rt, ckpt, family)
     loops = [StageLoop(s, rt) for s in parts.stages]
     metrics_url = serve_metrics(settings.bind_host, settings.metrics_port, settings.reachable_host)
-    heartbeat = Heartbeat(rt, role, [(getattr(s, "durable", s.name), s.subject) for s in parts.stages], metrics_url)
+    heartbeat = Heartbeat(rt, role, [(s.durable, s.subject) for s in parts.stages], metrics_url)
     stopping = asyncio.Event()
 
     def stop() -> None:

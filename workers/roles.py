@@ -23,21 +23,26 @@ from epd.connectors.ec import ECConnector
 from epd.connectors.ec_memory import InProcessECConnector
 from epd.connectors.ec_mooncake import MooncakeECConnector
 from epd.connectors.ec_shared_dir import SharedDirECConnector
-from epd.connectors.kv_direct import DirectKVReceiver, KVLanding, KVSender
+from epd.connectors.kv import KVConnector
+from epd.connectors.kv_direct import DirectKVConnector, KVLanding
 from epd.connectors.kv_mooncake import MooncakeStoreKVConnector
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.connectors.transfer_engine import TransferLink
 from epd.core import subjects
 from epd.core.config import Settings
+from epd.core.heartbeat import live_workers
 from epd.core.runtime import Runtime
+from epd.schemas.decode import KVPath
 from epd.workers.decode import Decoder, DecodeStage
 from epd.workers.decoder_choice import DIRECT_INACTIVE_S, DecoderPicker, decoder_durable, rescue_loop
 from epd.workers.encode import EncodeStage, FamilyEncoder
 from epd.workers.engine.checkpoint import Checkpoint
 from epd.workers.engine.family import Family
 from epd.workers.engine.weights import Parts
+from epd.workers.kv_rooms import NatsKVRooms, serve_kv_rooms
 from epd.workers.loop import Lane, Stage
 from epd.workers.prefill import LocalDecode, PrefillStage, RemoteDecode
+from epd.workers.services import Services
 
 
 @dataclass
@@ -77,38 +82,42 @@ def ec_connector(settings: Settings, store: MooncakeStore | None) -> ECConnector
 
 
 def build_role(role: str, rt: Runtime, ckpt: Checkpoint, family: Family) -> Role:
+    sv = Services.of(rt)
     if role == "epd":
-        decoder = Decoder(rt, ckpt, family)
+        decoder = Decoder(sv, ckpt, family)
         ec = InProcessECConnector(int(rt.settings.ec_capacity_mb * 2**20))
-        prefill = PrefillStage(rt, ckpt, family, ec, LocalDecode(decoder), inline_encode=True)
+        prefill = PrefillStage(sv, ckpt, family, ec, LocalDecode(decoder), shared_cache=False)
         return Role([prefill, text_lane(prefill)])
     store = MooncakeStore(rt.settings)
     if role == "encode":
         ec = ec_connector(rt.settings, store)
-        return Role([EncodeStage(rt, FamilyEncoder(family, ec, rt.settings.max_batch), ec)], store)
+        return Role([EncodeStage(sv, FamilyEncoder(family, ec, rt.settings.max_batch), ec)], store)
     settings = rt.settings
     if role == "prefill":
         kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
-        direct = (
-            KVSender(TransferLink(settings, settings.kv_buffer_mb), rt.nc) if settings.kv_transfer == "direct" else None
-        )
-        handoff = RemoteDecode(rt, family.kv_layout(), kv, DecoderPicker(rt), direct)
-        prefill = PrefillStage(rt, ckpt, family, ec_connector(settings, store), handoff)
+        direct = None
+        if settings.kv_transfer == "direct":
+            direct = DirectKVConnector(TransferLink(settings, settings.kv_buffer_mb), rooms=NatsKVRooms(rt.nc))
+        picker = DecoderPicker(lambda: live_workers(rt.js))
+        handoff = RemoteDecode(sv, family.kv_layout(), kv, picker, direct)
+        prefill = PrefillStage(sv, ckpt, family, ec_connector(settings, store), handoff)
         return Role([prefill, text_lane(prefill)], store)
     if role == "decode":
-        kv = MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
+        paths: dict[KVPath, KVConnector] = {
+            KVPath.STORE: MooncakeStoreKVConnector(store, verify=settings.verify_checksums)
+        }
         background = [lambda stop: rescue_loop(rt, stop)]
         if settings.kv_transfer == "direct":
             link = TransferLink(settings, settings.kv_buffer_mb)
             landing = KVLanding(link, settings.kv_reserve_timeout_s, settings.verify_checksums, rt.load)
-            kv = DirectKVReceiver(landing, kv)
-            background.append(lambda stop: landing.serve(rt.nc, rt.worker_id, stop))
-        decode = DecodeStage(rt, ckpt, family, kv)
+            paths[KVPath.DIRECT] = DirectKVConnector(link, landing=landing)
+            background.append(lambda stop: serve_kv_rooms(landing, rt.nc, rt.worker_id, stop))
+        decode = DecodeStage(sv, ckpt, family, paths)
         mine = subjects.decode_for(rt.worker_id)
         own = Lane(decode, decoder_durable(rt.worker_id), mine, DIRECT_INACTIVE_S, label=subjects.DECODE)
         return Role([decode, own], store, background)
     if role == "pd":
-        handoff = LocalDecode(Decoder(rt, ckpt, family))
-        prefill = PrefillStage(rt, ckpt, family, ec_connector(rt.settings, store), handoff)
+        handoff = LocalDecode(Decoder(sv, ckpt, family))
+        prefill = PrefillStage(sv, ckpt, family, ec_connector(rt.settings, store), handoff)
         return Role([prefill, text_lane(prefill)], store)
     raise ValueError(f"unknown role {role!r}; roles: encode, prefill, decode, pd, epd")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from epd.connectors.image_store import ImageMissing, ImageStore
+from epd.connectors.image_store import ImageMissing
 from epd.connectors.mooncake_store import MooncakeStore
 from epd.core import subjects
 from epd.core.config import Settings
@@ -31,6 +31,7 @@ from epd.workers.encode import EncodeStage
 from epd.workers.errors import RequestFailed
 from epd.workers.loop import Lane
 from epd.workers.roles import Role, ec_connector
+from epd.workers.services import Services
 from epd.workers.vllm_encode import VllmEncoder, encoder_prompt
 
 FINISH = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
@@ -116,30 +117,33 @@ def chat_messages(req: Request) -> list[dict[str, Any]]:
 class VllmStage:
     """Consumes what a prefill stage consumes; vLLM generates; every delta goes back as a TokenChunk."""
 
-    name = "prefill"
-    subject = subjects.PREFILL
+    name = durable = "prefill"
+    subject = label = subjects.PREFILL
+    inactive_s = None
     message_type = PrefillJob | EmbeddingReady
 
-    def __init__(self, rt: Runtime, llm: Any, tokenizer: Any) -> None:
-        self.rt, self.llm, self.tokenizer = rt, llm, tokenizer
-        self.capacity = rt.settings.max_batch
-        self.images = ImageStore(rt.js, rt.settings.image_ttl_s)
+    def __init__(self, sv: Services, llm: Any, tokenizer: Any) -> None:
+        self.out, self.cancelled, self.llm, self.tokenizer = sv.out, sv.cancelled, llm, tokenizer
+        self.capacity = sv.settings.max_batch
+        self.images = sv.images
 
     async def handle(self, job: PrefillJob | EmbeddingReady) -> None:
         req = job.request
         prompt = await self._prompt(req)
         seq, completion, prompt_tokens = 0, 0, 0
         async for out in self.llm.generate(prompt, sampling_for(req), req.request_id):
-            if req.request_id in self.rt.cancelled:
+            if req.request_id in self.cancelled:
                 await self.llm.abort(req.request_id)
-                await self.rt.reply(req.reply_to, TokenChunk(req.request_id, seq, [], "", FinishReason.ABORT))
+                await self.out.reply(req.reply_to, TokenChunk(req.request_id, seq, [], "", FinishReason.ABORT))
                 return
             o = out.outputs[0]
             completion += len(o.token_ids)
             prompt_tokens = len(out.prompt_token_ids or [])
             reason = FINISH.get(o.finish_reason or "", FinishReason.STOP) if out.finished else None
             usage = Usage(prompt_tokens, completion) if out.finished else None
-            await self.rt.reply(req.reply_to, TokenChunk(req.request_id, seq, list(o.token_ids), o.text, reason, usage))
+            await self.out.reply(
+                req.reply_to, TokenChunk(req.request_id, seq, list(o.token_ids), o.text, reason, usage)
+            )
             seq += 1
 
     async def _prompt(self, req: Request) -> dict[str, Any]:
@@ -182,7 +186,7 @@ async def vllm_role(role: str, rt: Runtime) -> Role:
         tokenizer = await tokenizer
     if role == "encode":
         return encode_role(rt, llm, tokenizer)
-    stage = VllmStage(rt, llm, tokenizer)
+    stage = VllmStage(Services.of(rt), llm, tokenizer)
     return Role([stage, Lane(stage, "prefill-text", subjects.PREFILL_TEXT)], shutdown=llm.shutdown)
 
 
@@ -191,4 +195,5 @@ def encode_role(rt: Runtime, llm: Any, tokenizer: Any) -> Role:
     and after it to confirm vLLM saved): its store client lends no memory to the pool."""
     store = MooncakeStore(rt.settings, segment_mb=0) if rt.settings.ec_backend == "mooncake" else None
     ec = ec_connector(rt.settings, store)
-    return Role([EncodeStage(rt, VllmEncoder(llm, encoder_prompt(tokenizer), ec), ec)], store, shutdown=llm.shutdown)
+    stage = EncodeStage(Services.of(rt), VllmEncoder(llm, encoder_prompt(tokenizer), ec), ec)
+    return Role([stage], store, shutdown=llm.shutdown)

@@ -141,7 +141,7 @@ def test_roles_on_mooncake_store(mooncake_extra: dict[str, Any]) -> None:
 
 def test_consumer_waits_while_epd_encodes_the_image(tmp_path: Path, nats_server: Any, vllm_model: Path) -> None:
     """A claim in epd's in-flight bucket holds a request back until the entry lands; no claim, no wait."""
-    from epd.gateway.router import EncodeClaims
+    from epd.core.claims import EncodeClaims
 
     extra = {"ec_backend": "shared-dir", "ec_dir": str(tmp_path), "nats_url": nats_server.url}
     scheduler = connector(ECConnectorRole.SCHEDULER, "ec_consumer", extra)
