@@ -12,8 +12,10 @@ from epd.workers.decoder_choice import DecoderPicker
 pytestmark = pytest.mark.unit
 
 
-def worker(worker_id: str, role: str = "decode", kv_tokens: int = 0, capacity: int = 1000) -> WorkerStatus:
-    now = time.time()
+def worker(
+    worker_id: str, role: str = "decode", kv_tokens: int = 0, capacity: int = 1000, age_s: float = 0.0
+) -> WorkerStatus:
+    now = time.time() - age_s
     return WorkerStatus(
         worker_id=worker_id,
         role=role,
@@ -64,3 +66,29 @@ async def test_a_failed_read_keeps_the_last_view() -> None:
     # the failed read changed nothing it knew: b had 1000 free, 500 sent since (500, then 200, then -100); a has 100
     assert [await picker.choose(300) for _ in range(3)] == ["b", "b", "a"]
     assert beats.reads == 4
+
+
+def test_the_decoder_with_the_most_free_kv_is_chosen() -> None:
+    picker = DecoderPicker(read=None)  # type: ignore[arg-type]  # pick() reads nothing
+    picker.update([worker("a", kv_tokens=600), worker("b", kv_tokens=100), worker("c", capacity=400)])
+    assert picker.pick(100) == "b"  # 900 free, against 400 and 400
+
+
+def test_what_was_sent_since_the_last_beat_counts_against_a_worker() -> None:
+    picker = DecoderPicker(read=None)  # type: ignore[arg-type]  # pick() reads nothing
+    picker.update([worker("a", age_s=0.5), worker("b", kv_tokens=300, age_s=0.5)])
+    assert [picker.pick(400) for _ in range(4)] == ["a", "b", "a", "b"]  # a: 1000, then 600 < b's 700, ...
+    picker.update([worker("a", kv_tokens=800), worker("b", kv_tokens=200)])  # fresh beats include them
+    assert picker.free_tokens(picker.decoders[0]) == 200 and picker.pick(10) == "b"
+
+
+def test_equal_decoders_take_turns_and_no_decoder_means_the_shared_queue() -> None:
+    picker = DecoderPicker(read=None)  # type: ignore[arg-type]  # pick() reads nothing
+    assert picker.pick(10) is None
+    picker.update([worker("a"), worker("b"), worker("c")])
+    picker._sent.clear()  # as if every beat already counted what was sent: all equal, every time
+    chosen = []
+    for _ in range(6):
+        chosen.append(picker.pick(10))
+        picker._sent.clear()
+    assert sorted(chosen[:3]) == ["a", "b", "c"] and chosen[3:] == chosen[:3]  # round robin
