@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -89,6 +90,22 @@ async def _stream(http: httpx.AsyncClient, body: dict, events: list[dict] | None
     return text, events
 
 
+async def _until_holding(nats_url: str, decoder_id: str, streaming: Callable[[], bool]) -> None:
+    """Until the decoder holds a request (taken from its own queue, not acked) while `streaming()`. Its heartbeat
+    is up to a second old, longer than these streams last: JetStream's consumer says it at once."""
+    nc = await nats.connect(nats_url)
+    try:
+        queue, durable = subjects.stream_of(subjects.DECODE), decoder_durable(decoder_id)
+        for _ in range(1000):
+            info = await nc.jetstream().consumer_info(queue, durable)
+            if info.num_ack_pending and streaming():
+                return
+            await asyncio.sleep(0.005)
+        pytest.fail(f"decoder {decoder_id} never took a request")
+    finally:
+        await nc.close()
+
+
 async def test_a_decoder_killed_mid_stream_hands_its_requests_on_losing_and_repeating_nothing(
     tiny_model: Path, tmp_path: Path
 ) -> None:
@@ -113,22 +130,11 @@ async def test_a_decoder_killed_mid_stream_hands_its_requests_on_losing_and_repe
         victim = cluster.procs["decode-0"]
         workers, _ = await gather_status(cluster.settings.nats_url)
         (victim_id,) = [w.worker_id for w in workers if w.pid == victim.pid]
-        nc = await nats.connect(cluster.settings.nats_url)
         async with httpx.AsyncClient(base_url=cluster.base_url, timeout=120) as http:
             seen: list[list[dict]] = [[] for _ in bodies]
             streams = [asyncio.create_task(_stream(http, b, e)) for b, e in zip(bodies, seen, strict=True)]
-            # Kill it while it holds a request (taken from its own queue, not acked) and decoders stream.
-            # Its heartbeat is up to a second old, longer than these streams last: ask JetStream instead.
-            queue, durable = subjects.stream_of(subjects.DECODE), decoder_durable(victim_id)
-            for _ in range(1000):
-                info = await nc.jetstream().consumer_info(queue, durable)
-                if info.num_ack_pending and any(len(e) > 2 for e in seen):
-                    break
-                await asyncio.sleep(0.005)
-            else:
-                pytest.fail("decode-0 never took a request")
+            await _until_holding(cluster.settings.nats_url, victim_id, lambda: any(len(e) > 2 for e in seen))
             os.kill(victim.pid, signal.SIGKILL)
-            await nc.close()
             answers = await asyncio.gather(*streams)
             metrics = (await http.get("/metrics")).text
         for (text, events), (ids, want) in zip(answers, expected, strict=True):
