@@ -191,7 +191,7 @@ async def bench_kv(settings: Any, table: Table) -> None:
 def layerwise_model(device: str) -> Any:
     """A Qwen2.5-VL family with the KV shape above: Qwen2.5-VL-7B's text model on a GPU; on a CPU, hidden 512
     (4 heads of 128), so that a 1,024-token forward takes about a second."""
-    from engine_gpu import qwen2_5_vl_7b_config  # (bench/ is this script's directory)
+    from epd.tools.random_checkpoint import qwen2_5_vl_7b_config
     from epd.workers.engine.checkpoint import Checkpoint
     from epd.workers.engine.qwen2_5_vl import Qwen25VL
     from transformers import AutoModelForImageTextToText

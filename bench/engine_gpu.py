@@ -49,44 +49,6 @@ from PIL import Image
 OUT = Path(__file__).resolve().parent / "results" / "engine_gpu.json"
 
 
-def qwen2_5_vl_7b_config(layers: int = 28) -> Any:
-    """Qwen2.5-VL-7B-Instruct's shape (its published config.json), with `layers` text layers."""
-    from transformers import Qwen2_5_VLConfig
-
-    return Qwen2_5_VLConfig(
-        text_config={
-            "vocab_size": 152064,
-            "hidden_size": 3584,
-            "intermediate_size": 18944,
-            "num_hidden_layers": layers,
-            "num_attention_heads": 28,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 32768,
-            "rms_norm_eps": 1e-6,
-            "rope_parameters": {"rope_type": "default", "mrope_section": [16, 24, 24], "rope_theta": 1000000.0},
-            "tie_word_embeddings": False,
-            "eos_token_id": 151645,
-        },
-        vision_config={
-            "depth": 32,
-            "hidden_size": 1280,
-            "intermediate_size": 3420,
-            "num_heads": 16,
-            "out_hidden_size": 3584,
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "window_size": 112,
-            "fullatt_block_indexes": [7, 15, 23, 31],
-        },
-        image_token_id=151655,
-        video_token_id=151656,
-        vision_start_token_id=151652,
-        vision_end_token_id=151653,
-        tie_word_embeddings=False,
-    )
-
-
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -449,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
 
         config = qwen2_5_vl_config(400, 64, 2)
     else:
+        from epd.tools.random_checkpoint import qwen2_5_vl_7b_config
+
         config = qwen2_5_vl_7b_config(args.layers)
     with torch.device(args.device):
         model = AutoModelForImageTextToText.from_config(config, dtype=getattr(torch, dtype)).eval()

@@ -73,7 +73,8 @@ def main() -> int:
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args()
-    from engine_gpu import bandwidth, qwen2_5_vl_7b_config
+    from engine_gpu import bandwidth
+    from epd.tools.random_checkpoint import qwen2_5_vl_7b_config
     from epd.workers.engine.checkpoint import Checkpoint
     from epd.workers.engine.qwen2_5_vl import Qwen25VL
     from transformers import AutoModelForImageTextToText
