@@ -15,8 +15,9 @@ names, one object per rate; `--plot` draws TTFT and TPOT against the rate (matpl
         --workload random-mm --num-prompts 200 --request-rate 1 2 4 inf --goodput ttft:2000 tpot:100
     python bench/serve.py --launch e-p-d --num-prompts 50 ...    # start a local `epd up` cluster for the run
 
-Text prompts are random words cut to `--input-len` tokens with `--tokenizer` (a checkpoint directory; the launched
-model's by default), so the lengths are exact for that tokenizer.
+Text prompts are random token ids of `--tokenizer` (a checkpoint directory; the launched model's by default),
+decoded and cut to `--input-len` tokens, so the lengths are exact for that tokenizer and no two prompts share a
+prefix.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ import statistics
 import sys
 import tempfile
 import time
+import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,13 +85,18 @@ class Prompts:
             from transformers import AutoTokenizer  # noqa: PLC0415
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(args.tokenizer))
+            added = set(self.tokenizer.get_added_vocab().values())  # special and control tokens
+            self.ordinary = [i for i in range(len(self.tokenizer)) if i not in added]
         self.pool = [picture_url(self.rng, args.image_size) for _ in range(args.image_pool)]
 
     def text(self) -> str:
-        words = " ".join(self.rng.choice(WORDS) for _ in range(self.args.input_len * 2))
+        """`--input-len` tokens: random ordinary ids decoded, encoded again and cut (as `vllm bench serve`'s random
+        dataset does), so that no two prompts share a prefix; random words without a tokenizer."""
+        n = self.args.input_len
         if self.tokenizer is None:
-            return " ".join(words.split()[: self.args.input_len])
-        ids = self.tokenizer(words, add_special_tokens=False).input_ids[: self.args.input_len]
+            return " ".join(self.rng.choice(WORDS) for _ in range(n))
+        ids = [self.rng.choice(self.ordinary) for _ in range(n)]
+        ids = self.tokenizer(self.tokenizer.decode(ids), add_special_tokens=False).input_ids[:n]
         return self.tokenizer.decode(ids)
 
     def body(self) -> dict:
@@ -113,36 +121,116 @@ class Prompts:
         }
 
 
-async def send(client: httpx.AsyncClient, body: dict) -> Result:
-    """One streamed chat completion; the times are the client's."""
-    res, started = Result(), time.perf_counter()
-    last = started
-    try:
-        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+class Client:
+    """Streamed chat completions to one endpoint, timed by the client.
+
+    Over plain HTTP it speaks HTTP/1.1 on asyncio's streams itself (a connection per request): a token's chunk
+    costs it tens of microseconds, where httpx's streaming costs about ten times that, enough to make one Python
+    client the slowest part of a run at thousands of tokens per second. HTTPS goes through httpx."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        self.url, self.timeout = urllib.parse.urlsplit(base_url), timeout
+        self.base_url = base_url
+        self._httpx: httpx.AsyncClient | None = None
+
+    async def __aenter__(self) -> Client:
+        if self.url.scheme != "http":
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+            self._httpx = httpx.AsyncClient(base_url=self.base_url, timeout=self.timeout, limits=limits)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._httpx is not None:
+            await self._httpx.aclose()
+
+    async def send(self, body: dict) -> Result:
+        res, started = Result(), time.perf_counter()
+        try:
+            events = self._events(body) if self._httpx is None else self._events_httpx(body)
+            await asyncio.wait_for(_read(res, started, events), self.timeout)
+            res.latency, res.ok = time.perf_counter() - started, True
+        except (OSError, ValueError, EOFError, asyncio.TimeoutError, httpx.HTTPError, HTTPStatus) as e:
+            res.error = f"{type(e).__name__}: {e}"
+        return res
+
+    async def _events(self, body: dict) -> AsyncIterator[bytes]:
+        """The `data:` payloads of the response, over a raw HTTP/1.1 connection."""
+        host, port = self.url.hostname or "127.0.0.1", self.url.port or 80
+        payload = json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            head = f"POST {self.url.path.rstrip('/')}/v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            head += f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+            writer.write(head.encode() + payload)
+            status = int((await reader.readline()).split()[1])
+            headers = {}
+            while (line := await reader.readline()) not in (b"\r\n", b""):
+                name, _, value = line.decode("latin-1").partition(":")
+                headers[name.strip().lower()] = value.strip()
+            if status != 200:
+                raise HTTPStatus(f"HTTP {status}: {(await reader.read(200)).decode(errors='replace')}")
+            buf = b""
+            async for piece in _body(reader, headers.get("transfer-encoding", "") == "chunked"):
+                buf += piece
+                *events, buf = buf.split(b"\n\n")
+                for event in events:
+                    for line in event.split(b"\n"):
+                        if line.startswith(b"data: "):
+                            yield line[6:]
+        finally:
+            writer.close()
+
+    async def _events_httpx(self, body: dict) -> AsyncIterator[bytes]:
+        assert self._httpx is not None
+        async with self._httpx.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}"
-                return res
+                raise HTTPStatus(f"HTTP {r.status_code}: {(await r.aread()).decode()[:200]}")
             async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("usage"):
-                    res.prompt_tokens = chunk["usage"]["prompt_tokens"]
-                    res.output_tokens = chunk["usage"]["completion_tokens"]
-                for choice in chunk.get("choices", []):
-                    delta = choice.get("delta", {}).get("content") or ""
-                    if not delta:
-                        continue
-                    now = time.perf_counter()
-                    if not res.text:
-                        res.ttft = now - started
-                    else:
-                        res.itl.append(now - last)
-                    last, res.text = now, res.text + delta
-        res.latency, res.ok = time.perf_counter() - started, True
-    except (httpx.HTTPError, json.JSONDecodeError) as e:
-        res.error = f"{type(e).__name__}: {e}"
-    return res
+                if line.startswith("data: "):
+                    yield line[6:].encode()
+
+
+class HTTPStatus(Exception):
+    """The endpoint answered with another status than 200."""
+
+
+async def _body(reader: asyncio.StreamReader, chunked: bool) -> AsyncIterator[bytes]:
+    """A response body as it arrives: its chunks (chunked transfer coding), or reads until the connection closes."""
+    if not chunked:
+        while data := await reader.read(65536):
+            yield data
+        return
+    while True:
+        size = int((await reader.readline()).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            return
+        yield (await reader.readexactly(size + 2))[:-2]
+
+
+async def _read(res: Result, started: float, events: AsyncIterator[bytes]) -> None:
+    """Fill `res` from the stream's events: the first content token's time, the gaps between chunks, usage."""
+    last = started
+    async for data in events:
+        if data == b"[DONE]":
+            continue
+        chunk = json.loads(data)
+        if chunk.get("usage"):
+            res.prompt_tokens = chunk["usage"]["prompt_tokens"]
+            res.output_tokens = chunk["usage"]["completion_tokens"]
+        if "error" in chunk:
+            raise ValueError(f"error in the stream: {chunk['error']}")
+        for choice in chunk.get("choices", []):
+            if choice.get("finish_reason") == "error":
+                raise ValueError("the stream finished with an error")
+            delta = choice.get("delta", {}).get("content") or ""
+            if not delta:
+                continue
+            now = time.perf_counter()
+            if not res.text:
+                res.ttft = now - started
+            else:
+                res.itl.append(now - last)
+            last, res.text = now, res.text + delta
 
 
 async def run_rate(base_url: str, bodies: list[dict], rate: float, args: argparse.Namespace) -> tuple[list, float]:
@@ -150,16 +238,15 @@ async def run_rate(base_url: str, bodies: list[dict], rate: float, args: argpars
     rng, limit = random.Random(args.seed + 1), asyncio.Semaphore(args.max_concurrency or len(bodies))
     done = [0]
 
-    async def one(client: httpx.AsyncClient, body: dict) -> Result:
+    async def one(client: Client, body: dict) -> Result:
         async with limit:
-            res = await send(client, body)
+            res = await client.send(body)
         done[0] += 1
         bar = "#" * (30 * done[0] // len(bodies))
         print(f"\r  rate {rate:>5}: [{bar:<30}] {done[0]}/{len(bodies)}", end="", file=sys.stderr, flush=True)
         return res
 
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-    async with httpx.AsyncClient(base_url=base_url, timeout=args.timeout, limits=limits) as client:
+    async with Client(base_url, args.timeout) as client:
         tasks, started = [], time.perf_counter()
         for body in bodies:
             tasks.append(asyncio.create_task(one(client, body)))

@@ -36,6 +36,11 @@ QUEUE_WAIT = Histogram(
 QUEUE_DEPTH = Gauge("epd_queue_depth", "Jobs waiting in a stage's stream, not yet delivered", ["stage"])
 STAGE_DURATION = Histogram("epd_stage_duration_seconds", "Time a worker spent on one job", ["stage"], buckets=_LATENCY)
 IN_FLIGHT = Gauge("epd_in_flight_jobs", "Jobs a worker is working on", ["stage"])
+DECODE_STEP = Histogram(
+    "epd_decode_step_seconds",
+    "Time from one decode step's tokens reaching the host to the next's: the engine's time per output token",
+    buckets=(0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1, 0.25),
+)
 BATCH_SIZE = Histogram(
     "epd_batch_size",
     "Items per forward pass: images (encode), prompts (prefill), sequences (decode)",

@@ -38,6 +38,8 @@ in flight and schedules the next as usual.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -45,6 +47,7 @@ from typing import TYPE_CHECKING
 import torch
 from epd.core import metrics
 from epd.schemas.common import FinishReason, SamplingParams
+from epd.workers.engine.cuda_graphs import GraphCaptureError
 from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.engine.sampling import MIN_TEMPERATURE, sample
@@ -53,6 +56,8 @@ from epd.workers.errors import RequestFailed
 if TYPE_CHECKING:
     from epd.core.runtime import Load
     from epd.workers.engine.cuda_graphs import Launched
+
+log = logging.getLogger(__name__)
 
 ADMIT_POLL_S = 0.2  # how often a waiting admission checks for its request's cancellation
 
@@ -107,6 +112,7 @@ class DecodeBatch:
         self.family, self.cache, self.max_seqs, self.eos, self.max_len = family, cache, max_seqs, eos, max_len
         self.cancelled, self.load, self.run_ahead = cancelled, load, run_ahead
         self._graphs = None
+        self._delivered: tuple[tuple[int, ...], float] = ((), 0.0)  # the last step's batch (ids) and its time
         if cuda_graphs and family.device.type == "cuda":
             from epd.workers.engine.cuda_graphs import GraphedSteps
 
@@ -185,8 +191,12 @@ class DecodeBatch:
                 metrics.BATCH_SIZE.labels("decode").observe(len(live))
                 try:
                     if self._graphs is not None and all(s.sampling.temperature < MIN_TEMPERATURE for s in live):
-                        pending = await asyncio.to_thread(self._launch, live)  # read on the next round
-                        continue
+                        try:
+                            pending = await asyncio.to_thread(self._launch, live)  # read on the next round
+                            continue
+                        except GraphCaptureError:
+                            log.exception("decode steps run eagerly from now on")
+                            self._graphs = None
                     tokens = await asyncio.to_thread(self._step, live)
                 except Exception as e:  # e.g. out of device memory: these requests fail, the decoder serves on
                     self._fail_step(live, e)
@@ -204,6 +214,10 @@ class DecodeBatch:
 
     def _deliver(self, live: list[Sequence], tokens: list[int]) -> None:
         """Each sequence's new token and its finish check; a sequence finished by an earlier step gets nothing."""
+        now, batch = time.perf_counter(), tuple(map(id, live))
+        if batch == self._delivered[0]:  # the same batch as the step before: one step's time, no join or leave
+            metrics.DECODE_STEP.observe(now - self._delivered[1])
+        self._delivered = (batch, now)
         for seq, token in zip(live, tokens, strict=True):
             if seq.finished:
                 continue

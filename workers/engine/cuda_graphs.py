@@ -41,6 +41,10 @@ def bucket(n: int, cap: int | None = None) -> int:
 
 
 @dataclass
+class GraphCaptureError(RuntimeError):
+    """A step could not be recorded; the decoder runs its steps eagerly from then on."""
+
+
 class _Graph:
     graph: torch.cuda.CUDAGraph
     staged: tuple[torch.Tensor, torch.Tensor]  # 2 x (4 * batch + batch * width,) int32, pinned host memory
@@ -144,8 +148,13 @@ class GraphedSteps:
                 run()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits, greedy = run()
+        # thread_local: the process's other threads (a pd or epd worker's prefill, the encoder) keep using the
+        # device while this records; in the default global mode their calls would break the capture
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+                logits, greedy = run()
+        except RuntimeError as e:
+            raise GraphCaptureError(f"recording the decode step for batch {batch}, width {width}: {e}") from e
         staged = tuple(torch.zeros(inputs.shape, dtype=torch.int32).pin_memory() for _ in range(2))
         self.graphs[(batch, width)] = _Graph(graph, staged, inputs, logits, greedy)
         return self.graphs[(batch, width)]

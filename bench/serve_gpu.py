@@ -1,0 +1,339 @@
+"""The whole system on one GPU: epd, e-pd and e-p-d under the same multimodal loads (issue 21).
+
+For each topology, one `epd up` cluster (its own NATS server, Mooncake master, gateway and workers, every
+worker on the same GPU) serves, in this order:
+
+1. a warm-up burst, not counted (Triton's compiles and the decode graphs' first captures happen here);
+2. `bench/serve.py`'s random-mm workload over a sweep of Poisson rates, then its text workload;
+3. text-only TTFT, one request at a time, alone and then while `--flood` clients keep sending new images;
+4. TTFT of a new picture against the same picture again (its embedding already in the encoder cache);
+5. the pipeline's own cost at low load, per hop, from the spans (`bench/pipeline_cost.py`).
+
+    python bench/serve_gpu.py --model-dir /tmp/qwen2.5-vl-7b-random      # builds the checkpoint if missing
+
+The checkpoint is `tools/random_checkpoint.py`'s Qwen2.5-VL-7B shape in bf16. Prints a table per topology and
+writes bench/results/serve_gpu.json (every run in `vllm bench serve`'s field names) and serve_gpu.png.
+`--device cpu --small` runs the same steps on a small checkpoint: a check that the script works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import serve  # noqa: E402 - bench/serve.py, beside this script
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cluster_settings(args: argparse.Namespace) -> dict:
+    """The settings every worker of every topology runs with: the GPU, bf16, room for 64 long sequences."""
+    return {
+        "device": args.device,
+        "dtype": args.dtype,
+        "kv_cache_mb": args.kv_cache_mb,
+        "kv_buffer_mb": args.kv_buffer_mb,
+        "mooncake_segment_mb": args.segment_mb,
+        "max_seqs": 64,
+        "max_batch": 8,
+        "max_inflight": 4096,
+        "request_timeout_s": 600.0,
+    }
+
+
+def bench_args(
+    args: argparse.Namespace, cluster: object, workload: str, rates: list[float], n: int
+) -> argparse.Namespace:
+    """bench/serve.py's arguments for one workload against `cluster`."""
+    argv = ["--base-url", cluster.base_url, "--model", cluster.settings.model_name, "--tokenizer", str(args.model_dir)]
+    argv += ["--workload", workload, "--num-prompts", str(n), "--request-rate", *map(str, rates)]
+    argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
+    argv += ["--image-size", str(args.image_size), "--max-images", str(args.max_images)]
+    argv += ["--label", cluster.settings.topology, "--goodput", *args.goodput, "--seed", str(args.seed)]
+    return serve.parse_args(argv)
+
+
+def short_body(prompts: serve.Prompts, model: str, images: list[str], max_tokens: int) -> dict:
+    """A streamed request of `prompts`' text and `images` (data URLs) that stops after `max_tokens`."""
+    content = [{"type": "image_url", "image_url": {"url": u}} for u in images]
+    content.append({"type": "text", "text": prompts.text()})
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+
+
+def ttft_stats(results: list[serve.Result]) -> dict:
+    ok = sorted(1e3 * r.ttft for r in results if r.ok)
+    if not ok:
+        return {"n": 0, "failed": len(results), "errors": [r.error for r in results][:3]}
+    p99 = ok[min(len(ok) - 1, math.ceil(0.99 * len(ok)) - 1)]
+    return {"n": len(ok), "failed": len(results) - len(ok), "median_ms": statistics.median(ok), "p99_ms": p99}
+
+
+async def one_at_a_time(client: serve.Client, bodies: list[dict]) -> list[serve.Result]:
+    return [await client.send(body) for body in bodies]
+
+
+async def flood_test(args: argparse.Namespace, base_url: str, model: str) -> dict:
+    """Text-only TTFT, one request at a time, unloaded and then under `--flood` clients of new pictures."""
+    a = serve.parse_args(["--model", model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)])
+    prompts = serve.Prompts(a)
+    rng = random.Random(args.seed + 7)
+    text = [short_body(prompts, model, [], 8) for _ in range(args.probe)]
+    stop, flooded = asyncio.Event(), []
+
+    async def flood(client: serve.Client) -> None:
+        while not stop.is_set():
+            images = [serve.picture_url(rng, args.image_size) for _ in range(rng.randint(1, args.max_images))]
+            flooded.append(await client.send(short_body(prompts, model, images, 16)))
+
+    async with serve.Client(base_url, 600) as client:
+        alone = await one_at_a_time(client, text)
+        floods = [asyncio.create_task(flood(client)) for _ in range(args.flood)]
+        await asyncio.sleep(args.flood_ramp_s)  # the encoders' queue fills before the probes start
+        loaded = await one_at_a_time(client, text)
+        stop.set()
+        await asyncio.gather(*floods)
+    out = {"unloaded": ttft_stats(alone), "flooded": ttft_stats(loaded), "flood": ttft_stats(flooded)}
+    if out["unloaded"]["n"] and out["flooded"]["n"]:
+        out["p99_ratio"] = out["flooded"]["p99_ms"] / out["unloaded"]["p99_ms"]
+    return out
+
+
+async def repeat_test(args: argparse.Namespace, base_url: str, model: str) -> dict:
+    """TTFT of one new picture per request, one at a time, against the same picture sent again right after."""
+    a = serve.parse_args(["--model", model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)])
+    prompts, rng = serve.Prompts(a), random.Random(args.seed + 11)
+    new, again = [], []
+    async with serve.Client(base_url, 600) as client:
+        for _ in range(args.probe):
+            url = serve.picture_url(rng, args.image_size)
+            new.append(await client.send(short_body(prompts, model, [url], 4)))
+            again.append(await client.send(short_body(prompts, model, [url], 4)))
+    out = {"new": ttft_stats(new), "repeated": ttft_stats(again)}
+    if out["new"]["n"] and out["repeated"]["n"]:
+        out["median_ratio"] = out["repeated"]["median_ms"] / out["new"]["median_ms"]
+    return out
+
+
+def cpu_seconds(cluster: object) -> dict[str, float]:
+    """CPU seconds used so far by each process of `cluster` and by this one (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    procs = {name: p.pid for name, p in cluster.procs.items()}
+    procs |= {"nats": cluster.nats.proc.pid} if getattr(cluster.nats, "proc", None) else {}
+    procs |= {"mooncake-master": cluster.master.proc.pid} if cluster.master is not None else {}
+    procs["bench client"] = os.getpid()
+    out = {}
+    for name, pid in procs.items():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    return out
+
+
+async def decode_counters(cluster: object) -> dict[str, float]:
+    """The decoding workers' step time and batch size counters, summed (their Prometheus endpoints)."""
+    from epd.ops.status_view import gather_status  # noqa: PLC0415
+
+    workers, _ = await gather_status(cluster.settings.nats_url)
+    wanted = ("epd_decode_step_seconds_sum", "epd_decode_step_seconds_count")
+    wanted += ('epd_batch_size_sum{stage="decode"}', 'epd_batch_size_count{stage="decode"}')
+    out = dict.fromkeys(wanted, 0.0)
+    async with httpx.AsyncClient(timeout=10) as client:
+        for w in workers:
+            if w.role in ("decode", "pd", "epd") and w.metrics_url:
+                for line in (await client.get(w.metrics_url)).text.splitlines():
+                    name, _, value = line.rpartition(" ")
+                    if name in out:
+                        out[name] += float(value)
+    return out
+
+
+async def busy(cluster: object, step: Awaitable) -> tuple[object, dict]:
+    """`step`'s result; each process's share of one core while it ran (1.0: a core kept busy throughout); and the
+    decoders' own mean step time and batch over the same time."""
+    before, counters, started = cpu_seconds(cluster), await decode_counters(cluster), time.perf_counter()
+    result = await step
+    wall, after = time.perf_counter() - started, cpu_seconds(cluster)
+    seen = {k: v - counters[k] for k, v in (await decode_counters(cluster)).items()}
+    cores = {name: round((after[name] - before[name]) / wall, 2) for name in after if name in before}
+    steps, batches = seen["epd_decode_step_seconds_count"], seen['epd_batch_size_count{stage="decode"}']
+    engine = {
+        "decode_step_ms": 1e3 * seen["epd_decode_step_seconds_sum"] / steps if steps else None,
+        "decode_batch": seen['epd_batch_size_sum{stage="decode"}'] / batches if batches else None,
+    }
+    return result, {"cores": cores, "engine": engine}
+
+
+def gpu_memory() -> list[dict]:
+    """Each process's memory on the GPU, as nvidia-smi reports it (empty without one)."""
+    try:
+        csv = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [{"pid": int(p), "mib": int(m)} for p, m in (line.split(",") for line in csv.splitlines() if "," in line)]
+
+
+async def topology_run(args: argparse.Namespace, topology: str, workdir: Path) -> dict:
+    from epd.ops.up import Cluster  # noqa: PLC0415
+
+    started = time.perf_counter()
+    cluster = await asyncio.to_thread(
+        Cluster.local, args.model_dir, workdir, topology, None, args.startup_timeout_s, **cluster_settings(args)
+    )
+    out: dict = {"startup_s": time.perf_counter() - started}
+    print(f"== {topology}: up in {out['startup_s']:.0f} s", flush=True)
+    try:
+        model = cluster.settings.model_name
+        await serve.bench(bench_args(args, cluster, "random-mm", [math.inf], args.warmup))  # not counted
+        out["gpu_memory"] = gpu_memory()
+        mm = bench_args(args, cluster, "random-mm", args.rates, args.num_prompts)
+        out["random_mm"], out["cpu_random_mm"] = await busy(cluster, serve.bench(mm))
+        text = bench_args(args, cluster, "text", args.text_rates, args.num_prompts)
+        out["text"], out["cpu_text"] = await busy(cluster, serve.bench(text))
+        print(f"   cores busy: random-mm {out['cpu_random_mm']}, text {out['cpu_text']}", flush=True)
+        out["flood"] = await flood_test(args, cluster.base_url, model)
+        print(f"   flood: {json.dumps(out['flood'])}", flush=True)
+        out["repeated_images"] = await repeat_test(args, cluster.base_url, model)
+        print(f"   repeated images: {json.dumps(out['repeated_images'])}", flush=True)
+        out["pipeline_cost"] = await pipeline_cost(args, cluster)
+    except Exception as e:  # noqa: BLE001 - keep what the other steps measured
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(f"   {topology} failed: {out['error']}", flush=True)
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    return out
+
+
+async def pipeline_cost(args: argparse.Namespace, cluster: object) -> dict:
+    try:
+        import pipeline_cost as cost  # noqa: PLC0415 - bench/pipeline_cost.py
+    except ImportError:
+        return {"error": "bench/pipeline_cost.py is not there"}
+    rng = random.Random(args.seed + 13)
+    return await cost.measure(
+        cluster.base_url,
+        cluster.settings.model_name,
+        Path(cluster.settings.trace_dir),
+        args.probe,
+        lambda: serve.picture_url(rng, args.image_size),
+    )
+
+
+def strip(run: dict) -> dict:
+    """A run without its per-request lists, for the printed table."""
+    return {k: v for k, v in run.items() if not isinstance(v, list)}
+
+
+def print_table(results: dict) -> None:
+    print(
+        f"\n{'topology':<8} {'workload':<10} {'rate':>5} {'req/s':>6} {'out tok/s':>9} {'TTFT p50':>9} "
+        f"{'p99':>7} {'TPOT p50':>9} {'p99':>6} {'goodput':>7} {'ok':>7}"
+    )
+    for topology, t in results.items():
+        for run in t.get("random_mm", []) + t.get("text", []):
+            good = "-" if run["request_goodput"] is None else f"{run['request_goodput']:.2f}"
+            print(
+                f"{topology:<8} {run['workload']:<10} {run['request_rate']!s:>5} {run['request_throughput']:>6.2f} "
+                f"{run['output_throughput']:>9.0f} {run['median_ttft_ms']:>9.0f} {run['p99_ttft_ms']:>7.0f} "
+                f"{run['median_tpot_ms']:>9.1f} {run['p99_tpot_ms']:>6.1f} {good:>7} "
+                f"{run['completed']:>3}/{run['num_prompts']:<3}"
+            )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model-dir", type=Path, required=True, help="the checkpoint (built there if missing)")
+    p.add_argument("--topologies", nargs="+", default=["e-p-d", "e-pd", "epd"])
+    p.add_argument("--device", default="cuda:0")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--small", action="store_true", help="build the small checkpoint (a check on the CPU)")
+    p.add_argument("--rates", type=float, nargs="+", default=[1, 2, 4, 8, math.inf])
+    p.add_argument("--text-rates", type=float, nargs="+", default=[4, math.inf])
+    p.add_argument("--num-prompts", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=64)
+    p.add_argument("--probe", type=int, default=16, help="requests of each one-at-a-time measurement")
+    p.add_argument("--flood", type=int, default=8, help="clients sending new pictures during the flood")
+    p.add_argument("--flood-ramp-s", type=float, default=3.0)
+    p.add_argument("--input-len", type=int, default=400)
+    p.add_argument("--output-len", type=int, default=150)
+    p.add_argument("--image-size", type=int, default=640)
+    p.add_argument("--max-images", type=int, default=4)
+    p.add_argument("--goodput", nargs="*", default=["ttft:2000", "tpot:50"])
+    p.add_argument("--kv-cache-mb", type=float, default=24576)
+    p.add_argument("--kv-buffer-mb", type=float, default=4096)
+    p.add_argument("--segment-mb", type=int, default=4096)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--startup-timeout-s", type=float, default=600.0)
+    p.add_argument("--workdir", type=Path, default=None, help="keep each cluster's logs and spans here")
+    p.add_argument("--out", type=Path, default=RESULTS / "serve_gpu.json")
+    p.add_argument("--plot", type=Path, default=RESULTS / "serve_gpu.png")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if not (args.model_dir / "config.json").exists():
+        from epd.tools.random_checkpoint import build  # noqa: PLC0415
+
+        t = time.perf_counter()
+        build(args.model_dir, small=args.small)
+        print(f"built {args.model_dir} in {time.perf_counter() - t:.0f} s", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for topology in args.topologies:
+            results[topology] = asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology))
+    print_table(results)
+    gpu = "none"
+    try:
+        import torch  # noqa: PLC0415
+
+        gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    except ImportError:
+        pass
+    report = {
+        "date": time.strftime("%Y%m%d-%H%M%S"),
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} vCPU, GPU {gpu}",
+        "command": "python bench/serve_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report) + "\n")
+    print(f"wrote {args.out}")
+    runs = [run for t in results.values() for run in t.get("random_mm", [])]
+    if runs:
+        serve.plot(runs, args.plot)
+        print(f"wrote {args.plot}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
