@@ -22,7 +22,8 @@ token. Every instant of that window is given to exactly one part, so the parts a
   and any scheduling gap between spans.
 
 Where spans overlap, the first part in this order takes the instant: the reply leg, engine, mooncake, nats,
-worker, gateway. The reply leg comes first because once the first token is published, what the prefill worker
+worker, gateway (within a part, the span that started last: a publish's ack overlaps its job's queue span,
+which takes the overlap). The reply leg comes first because once the first token is published, what the prefill worker
 does next (`kv.send`, the decode hand-off) is off the TTFT path; spans wholly after the window (decode's steps)
 do not count. `engine_ms` is the engine part, `pipeline_ms = ttft_ms - engine_ms` the sum of the five others.
 The gateway's work before its TTFT clock starts (FastAPI's body parsing aside: the request's conversion, data
@@ -79,16 +80,18 @@ def _part(span: dict, gateway: tuple) -> str:
     return "gateway" if (span["service"], span["pid"]) == gateway else "worker"
 
 
-def _split(window: tuple[int, int], pieces: list[tuple[int, int, str]]) -> dict[str, int]:
-    """Nanoseconds of `window` per part: each instant to the lowest-ranked piece covering it, else 'other'."""
+def _split(window: tuple[int, int], pieces: list[tuple[int, int, str, str]]) -> dict[str, dict[str, int]]:
+    """Nanoseconds of `window` per part and, within it, per piece's label: each instant to the lowest-ranked
+    piece covering it (among equals, the one that started last: the innermost), else to 'other'."""
     lo, hi = window
-    clipped = [(max(a, lo), min(b, hi), p) for a, b, p in pieces if min(b, hi) > max(a, lo)]
-    cuts = sorted({lo, hi, *(a for a, _, _ in clipped), *(b for _, b, _ in clipped)})
-    out = dict.fromkeys(("engine", *HOPS), 0)
+    clipped = [(max(a, lo), min(b, hi), p, label) for a, b, p, label in pieces if min(b, hi) > max(a, lo)]
+    cuts = sorted({lo, hi, *(c[0] for c in clipped), *(c[1] for c in clipped)})
+    out: dict[str, dict[str, int]] = {part: {} for part in ("engine", *HOPS)}
     for a, b in zip(cuts, cuts[1:], strict=False):
-        covering = [p for s, e, p in clipped if s <= a and e >= b]
-        part = min(covering, key=RANK.__getitem__) if covering else "other"
-        out["nats" if part == "reply" else part] += b - a
+        covering = [(RANK[p], -s, i, p, label) for i, (s, e, p, label) in enumerate(clipped) if s <= a and e >= b]
+        *_, part, label = min(covering) if covering else (0, 0, 0, "other", "no span")
+        part = "nats" if part == "reply" else part
+        out[part][label] = out[part].get(label, 0) + b - a
     return out
 
 
@@ -102,7 +105,7 @@ def _row(group: list[dict]) -> dict | None:
     gateway = (ttft["service"], ttft["pid"])
     window = (ttft["start_ns"], ttft["end_ns"])
     parts = [s for s in group if s is not root and s["name"] not in GATEWAY_WINDOW]
-    pieces = [(s["start_ns"], s["end_ns"], _part(s, gateway)) for s in parts]
+    pieces = [(s["start_ns"], s["end_ns"], _part(s, gateway), s["name"]) for s in parts]
     for q in (s for s in group if s["name"].startswith("queue ")):
         # the fetched job, until its stage span starts in the same process
         consumers = [
@@ -114,17 +117,14 @@ def _row(group: list[dict]) -> dict | None:
             and s["start_ns"] >= q["end_ns"]
         ]
         if consumers:
-            pieces.append((q["end_ns"], min(s["start_ns"] for s in consumers), "nats"))
+            stage = q["name"].removeprefix("queue ")
+            pieces.append((q["end_ns"], min(s["start_ns"] for s in consumers), "nats", f"fetched {stage}"))
     sent = [s["start_ns"] for s in group if s["name"] == "reply.first" and s["start_ns"] <= window[1]]
     if sent:
-        pieces.append((max(sent), window[1], "reply"))
-    ns = _split(window, pieces)
-    ms = {k: v / 1e6 for k, v in ns.items()}
+        pieces.append((max(sent), window[1], "reply", "reply leg"))
+    split = _split(window, pieces)
+    ms = {part: sum(labels.values()) / 1e6 for part, labels in split.items()}
     ttft_ms = (window[1] - window[0]) / 1e6
-
-    def busy(names: set[str]) -> float:
-        spans = [(s["start_ns"], s["end_ns"], "engine") for s in group if s["name"] in names]
-        return _split(window, spans)["engine"] / 1e6
 
     return {
         "request_id": ttft["attributes"].get("epd.request_id", ""),
@@ -134,17 +134,19 @@ def _row(group: list[dict]) -> dict | None:
         "before_ms": (window[0] - root["start_ns"]) / 1e6 if root else None,
         "images": sum(s["attributes"].get("epd.images", 0) for s in group if s["name"] == "route"),
         "engine_ms": ms["engine"],
-        "encode_ms": busy({"encode"}),
-        "prefill_ms": busy({"prefill.forward"}),
+        "encode_ms": split["engine"].get("encode", 0) / 1e6,
+        "prefill_ms": split["engine"].get("prefill.forward", 0) / 1e6,
         "pipeline_ms": ttft_ms - ms["engine"],
         "hops_ms": {h: ms[h] for h in HOPS},
+        "detail_ms": {h: {label: v / 1e6 for label, v in split[h].items()} for h in HOPS},
     }
 
 
 def breakdown(spans: list[dict]) -> list[dict]:
     """One row per request trace that has a TTFT window (module doc), in the order the requests came:
     `request_id`, `ttft_ms`, `engine_ms` (of it `encode_ms`, `prefill_ms`), `pipeline_ms` = `ttft_ms -
-    engine_ms`, `hops_ms` {gateway, nats, mooncake, worker, other} adding up to `pipeline_ms`, `images`,
+    engine_ms`, `hops_ms` {gateway, nats, mooncake, worker, other} adding up to `pipeline_ms` (`detail_ms`: each
+    hop per span name, plus 'fetched <stage>', 'reply leg' and 'no span'), `images`,
     `before_ms` and the gateway's own `gateway_ttft_ms` (rounded to µs; perf_counter, not the spans' clock)."""
     traces: dict[str, list[dict]] = {}
     for s in spans:
@@ -160,15 +162,23 @@ def _stats(values: list[float]) -> dict:
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Median and p90 (nearest rank) of each figure over `rows`, in ms; `n` rows."""
+    """Median and p90 (nearest rank) of each figure over `rows`, in ms; `n` rows. With the client's TTFT (rows
+    from `measure`), `http_ms` is the client's TTFT less the gateway's: the HTTP stack both ways and the client."""
     if not rows:
         return {"n": 0}
     out: dict = {"n": len(rows)}
     for key in ("ttft_ms", "engine_ms", "encode_ms", "prefill_ms", "pipeline_ms"):
         out[key] = _stats([r[key] for r in rows])
     out["hops_ms"] = {h: _stats([r["hops_ms"][h] for r in rows]) for h in HOPS}
+    # within each hop, the median of each span's share (0 where a request has none): where to look first
+    labels = {h: sorted({label for r in rows for label in r["detail_ms"][h]}) for h in HOPS}
+    out["detail_p50_ms"] = {
+        h: {label: round(statistics.median(r["detail_ms"][h].get(label, 0.0) for r in rows), 3) for label in labels[h]}
+        for h in HOPS
+    }
     if all(r.get("client_ttft_ms") is not None for r in rows):
         out["client_ttft_ms"] = _stats([r["client_ttft_ms"] for r in rows])
+        out["http_ms"] = _stats([r["client_ttft_ms"] - r["ttft_ms"] for r in rows])
     before = [r["before_ms"] for r in rows if r["before_ms"] is not None]
     if before:
         out["before_ms"] = _stats(before)
@@ -272,7 +282,11 @@ def table(name: str, summary: dict) -> str:
     head = f"{name:<14} n={summary['n']:<4}" + "".join(f"{c:>10}" for c, _ in cells)
     p50 = f"{'  p50 ms':<21}" + "".join(f"{v['p50']:>10.2f}" for _, v in cells)
     p90 = f"{'  p90 ms':<21}" + "".join(f"{v['p90']:>10.2f}" for _, v in cells)
-    return "\n".join((head, p50, p90))
+    lines = [head, p50, p90]
+    for h in ("gateway", "nats", "mooncake", "worker"):
+        parts = sorted(summary["detail_p50_ms"][h].items(), key=lambda kv: -kv[1])
+        lines.append(f"  {h} p50 by span: " + ", ".join(f"{label} {v:.2f}" for label, v in parts if v >= 0.01))
+    return "\n".join(lines)
 
 
 async def run_topology(topology: str, model: Path, requests: int, workdir: Path) -> dict:

@@ -72,6 +72,16 @@ def test_each_instant_of_the_window_goes_to_one_part() -> None:
     # other: 0..5, before route
     assert row["hops_ms"] == {"gateway": 9, "nats": 32, "mooncake": 2, "worker": 32, "other": 5}
     assert row["pipeline_ms"] == 80
+    # where two spans of one part overlap, the one that started last takes it: the queue, over the publish's ack
+    assert row["detail_ms"]["nats"] == {
+        "images.put": 4,
+        "publish prefill": 2,
+        "queue prefill": 5,
+        "fetched prefill": 1,
+        "reply leg": 20,
+    }
+    assert row["detail_ms"]["worker"] == {"prefill epd.v1.prefill": 32}
+    assert row["detail_ms"]["other"] == {"no span": 5}
 
 
 @pytest.mark.unit
@@ -85,12 +95,14 @@ def test_summary_takes_median_and_p90() -> None:
             "pipeline_ms": v - 1.0,
             "before_ms": 0.1,
             "hops_ms": dict.fromkeys(pc.HOPS, v / 10),
+            "detail_ms": {h: {"a span": v / 10} for h in pc.HOPS},
         }
         for v in range(1, 11)
     ]
     out = pc.summarize(rows)
     assert out["n"] == 10 and out["ttft_ms"] == {"p50": 5.5, "p90": 9.0}
     assert out["hops_ms"]["nats"] == {"p50": 0.55, "p90": 0.9}
+    assert out["detail_p50_ms"]["nats"] == {"a span": 0.55}
     assert pc.summarize([]) == {"n": 0}
 
 
@@ -114,6 +126,8 @@ async def test_a_real_clusters_spans_split_exactly(tiny_model: Path, tmp_path: P
         hops = row["hops_ms"]
         assert sum(hops.values()) == pytest.approx(row["ttft_ms"] - row["engine_ms"], abs=1e-6)
         assert row["pipeline_ms"] == pytest.approx(row["ttft_ms"] - row["engine_ms"], abs=1e-9)
+        for hop, labels in row["detail_ms"].items():
+            assert sum(labels.values()) == pytest.approx(hops[hop], abs=1e-6)
         assert all(v >= 0 for v in hops.values()), hops
         assert 0 < row["prefill_ms"] <= row["engine_ms"] < row["ttft_ms"]
         # the window's span and the gateway's own TTFT are the same two instants on two clocks
