@@ -57,7 +57,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
-from epd.ops.trace_view import load_spans
 
 ENGINE = frozenset({"encode", "prefill.forward"})
 MOONCAKE = frozenset({"ec.exists", "ec.save", "ec.load", "ec.wait", "kv.reserve", "kv.send", "kv.recv"})
@@ -186,9 +185,37 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _complete(group: list[dict], image: bool) -> bool:
-    """The trace holds every span the TTFT path writes (the workers flush theirs every 200 ms)."""
+    """The trace holds every span the TTFT path writes. A process writes a span when it ends (every 200 ms), a
+    parent after its children: with no span but the root missing its parent, each process's part is whole."""
     names = {s["name"] for s in group}
-    return {"ttft", "prefill.forward", "reply.first"} <= names and (not image or "encode" in names)
+    ids = {s["span_id"] for s in group}
+    roots = [s for s in group if s["parent_id"] not in ids]
+    return (
+        {"ttft", "prefill.forward", "reply.first"} <= names
+        and (not image or "encode" in names)
+        and len(roots) == 1
+        and roots[0]["parent_id"] is None
+    )
+
+
+class SpanTail:
+    """The spans written under a trace directory since this was made: each file read on from where it was
+    left, whole lines only (a long benchmark's files before it are not read again)."""
+
+    def __init__(self, trace_dir: Path) -> None:
+        self.dir = Path(trace_dir)
+        self._at = {f: f.stat().st_size for f in self.dir.glob("*.jsonl")}
+        self.spans: list[dict] = []
+
+    def read(self) -> list[dict]:
+        for f in sorted(self.dir.glob("*.jsonl")):
+            with f.open("rb") as fh:
+                fh.seek(self._at.get(f, 0))
+                data = fh.read()
+            whole = data[: data.rfind(b"\n") + 1]  # a line being written waits for the next read
+            self._at[f] = self._at.get(f, 0) + len(whole)
+            self.spans += [json.loads(line) for line in whole.splitlines() if line.strip()]
+        return self.spans
 
 
 async def request(client: httpx.AsyncClient, model: str, text: str, image_url: str | None, max_tokens: int) -> tuple:
@@ -236,6 +263,7 @@ async def measure(
     `flush_timeout_s` for the requests' spans; returns `summarize` of the complete ones, with `incomplete`
     (requests whose spans did not all arrive) and `rows` (each request's breakdown)."""
     sent: dict[str, float | None] = {}
+    tail = SpanTail(trace_dir)
     async with httpx.AsyncClient(base_url=base_url, timeout=300) as client:
         for i in range(-warmup, n):  # (warm-up images: i < 0, never one of the measured ones)
             url = image_url_fn(i) if image_url_fn else None
@@ -244,7 +272,7 @@ async def measure(
                 sent[rid] = client_ms
     deadline = time.monotonic() + flush_timeout_s
     while True:
-        spans = load_spans(trace_dir)
+        spans = tail.read()
         rows = {r["request_id"]: r for r in breakdown(spans) if r["request_id"] in sent}
         traces = {r["trace_id"] for r in rows.values()}
         groups: dict[str, list[dict]] = {}
