@@ -8,11 +8,12 @@ token. Every instant of that window is given to exactly one part, so the parts a
   forward) and the `prefill.forward` span (the prefill batcher: the forward that gives the first token's logits;
   with the direct KV path, the layer-by-layer KV writes started inside it are counted here too).
 - **mooncake**: `ec.exists` (the gateway's and the encoder's cache look-ups), `ec.save`, `ec.load`, `ec.wait`,
-  `kv.reserve`, `kv.send`, `kv.recv`.
+  `kv.send`, `kv.recv`. (In epd and e-pd, `ec.*` is the in-process cache's: tens of µs, no Mooncake.)
 - **nats**: `publish <stage>` (encoding a job and JetStream's storing ack), `queue <stage>` (stored to fetched),
   `claims.claim` and `claims.release` (the encode claims, a JetStream key-value bucket),
   the gap from a queue span's end to its consumer span's start (the fetched job's decode), `images.put` and
-  `images.get` (the image bytes in the JetStream object store), and the reply leg: from prefill's `reply.first`
+  `images.get` (the image bytes in the JetStream object store), `kv.reserve` (direct KV: prefill's NATS
+  request for room on a decoder, no bytes through Mooncake), and the reply leg: from prefill's `reply.first`
   span starting (the first token's chunk published on core NATS) to the window's end (the gateway reading it).
 - **worker**: the rest of a worker's stage span (`<stage> <subject>`): the job's checks, image decoding
   (PIL) before the encoder, the prompt's tokenization, sampling the first token, building its chunk.
@@ -59,8 +60,8 @@ from pathlib import Path
 import httpx
 
 ENGINE = frozenset({"encode", "prefill.forward"})
-MOONCAKE = frozenset({"ec.exists", "ec.save", "ec.load", "ec.wait", "kv.reserve", "kv.send", "kv.recv"})
-NATS_NAMES = frozenset({"images.put", "images.get"})
+MOONCAKE = frozenset({"ec.exists", "ec.save", "ec.load", "ec.wait", "kv.send", "kv.recv"})
+NATS_NAMES = frozenset({"images.put", "images.get", "kv.reserve"})
 NATS_PREFIXES = ("publish ", "queue ", "claims.")
 HOPS = ("gateway", "nats", "mooncake", "worker", "other")
 # a part's rank when spans overlap: the lowest takes the instant

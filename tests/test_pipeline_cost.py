@@ -67,10 +67,11 @@ def test_each_instant_of_the_window_goes_to_one_part() -> None:
     (row,) = pc.breakdown(spans)
     assert row["request_id"] == "r1" and row["before_ms"] == 3 and row["images"] == 0
     assert row["ttft_ms"] == 100 and row["engine_ms"] == 20 and row["prefill_ms"] == 20 and row["encode_ms"] == 0
-    # nats: images.put 4, publish 18..21 and the queue to 25 (7), the fetched job 25..26 (1), reply leg 80..100 (20)
-    # gateway: route's 16 less images.put and its part of the publish; worker: 26..80 less kv.reserve and the forward
-    # other: 0..5, before route
-    assert row["hops_ms"] == {"gateway": 9, "nats": 32, "mooncake": 2, "worker": 32, "other": 5}
+    # nats: images.put 4, publish 18..21 and the queue to 25 (7), the fetched job 25..26 (1), kv.reserve (a NATS
+    # request to a decoder) 27..29 (2), reply leg 80..100 (20); gateway: route's 16 less images.put and its part of
+    # the publish; worker: 26..80 less kv.reserve and the forward; other: 0..5, before route; mooncake: kv.send
+    # came after the first token left
+    assert row["hops_ms"] == {"gateway": 9, "nats": 34, "mooncake": 0, "worker": 32, "other": 5}
     assert row["pipeline_ms"] == 80
     # where two spans of one part overlap, the one that started last takes it: the queue, over the publish's ack
     assert row["detail_ms"]["nats"] == {
@@ -78,6 +79,7 @@ def test_each_instant_of_the_window_goes_to_one_part() -> None:
         "publish prefill": 2,
         "queue prefill": 5,
         "fetched prefill": 1,
+        "kv.reserve": 2,
         "reply leg": 20,
     }
     assert row["detail_ms"]["worker"] == {"prefill epd.v1.prefill": 32}
@@ -133,9 +135,10 @@ async def test_a_real_clusters_spans_split_exactly(tiny_model: Path, tmp_path: P
         # the window's span and the gateway's own TTFT are the same two instants on two clocks
         assert row["ttft_ms"] == pytest.approx(row["gateway_ttft_ms"], abs=0.05)
         assert row["ttft_ms"] < row["client_ttft_ms"]  # the gateway's TTFT lies inside the client's
-        assert hops["nats"] > 0 and hops["mooncake"] > 0 and hops["gateway"] > 0  # queues, kv.reserve, route
+        assert hops["nats"] > 0 and hops["gateway"] > 0  # queues, route
     for row in images["rows"]:
         assert row["images"] == 1 and row["encode_ms"] > 0
+        assert row["detail_ms"]["mooncake"]["ec.save"] > 0 and row["detail_ms"]["mooncake"]["ec.load"] > 0
         assert row["engine_ms"] == pytest.approx(row["encode_ms"] + row["prefill_ms"], abs=1e-6)
     for row in texts["rows"]:
         assert row["images"] == 0 and row["encode_ms"] == 0 and row["engine_ms"] == row["prefill_ms"]
