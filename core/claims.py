@@ -12,6 +12,7 @@ import logging
 
 import nats
 from epd.core import subjects
+from epd.core.tracing import tracer
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
@@ -32,18 +33,20 @@ class EncodeClaims:
                 self._kv = await self.js.create_key_value(
                     KeyValueConfig(bucket=subjects.ENCODING_BUCKET, ttl=subjects.ENCODING_CLAIM_TTL_S, history=1)
                 )
-        try:
-            await self._kv.create(key, b"")
-            return True
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+        with tracer().start_as_current_span("claims.claim"):  # a JetStream round trip, on the request's path
+            try:
+                await self._kv.create(key, b"")
+                return True
+            except nats.js.errors.KeyWrongLastSequenceError:
+                return False
 
     async def release(self, keys: list[str]) -> None:
         """The encodes of `keys` are done (saved or failed): the next request encodes or loads them itself."""
         try:
             if self._kv is None:
                 self._kv = await self.js.key_value(subjects.ENCODING_BUCKET)
-            for key in dict.fromkeys(keys):
-                await self._kv.delete(key)
+            with tracer().start_as_current_span("claims.release", attributes={"epd.images": len(keys)}):
+                for key in dict.fromkeys(keys):
+                    await self._kv.delete(key)
         except (nats.errors.Error, asyncio.TimeoutError) as e:  # no bucket (no router claimed), or NATS away: TTL
             log.debug("encode claims not released (their TTL will): %s", e)

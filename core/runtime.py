@@ -18,7 +18,7 @@ from epd.core import subjects
 from epd.core.buckets import ensure_buckets
 from epd.core.config import Settings
 from epd.core.ec_events import Landed
-from epd.core.tracing import inject_headers
+from epd.core.tracing import inject_headers, tracer
 from epd.schemas.codec import Decoder, encode
 from epd.schemas.control import Cancel
 from epd.schemas.reply import ErrorReply, TokenChunk
@@ -135,7 +135,9 @@ class Runtime:
             log.warning("ignoring bad cancel message: %s", e)
 
     async def publish(self, subject: str, msg: msgspec.Struct, request_id: str, reply_to: str, stage: str) -> None:
-        """Publish a job to a stage's stream; returns once JetStream has stored it."""
+        """Publish a job to a stage's stream; returns once JetStream has stored it. Its span (`publish <stage>`,
+        one per hop) holds the encode and the round trip to JetStream; the job's spans downstream keep the
+        caller's span as parent (the headers are taken before it starts)."""
         headers = inject_headers(
             {
                 "Nats-Msg-Id": f"{request_id}:{stage}",
@@ -143,7 +145,8 @@ class Runtime:
                 subjects.REPLY_HEADER: reply_to,
             }
         )
-        await self.js.publish(subject, encode(msg), headers=headers)
+        with tracer().start_as_current_span(f"publish {stage}", attributes={"messaging.destination.name": subject}):
+            await self.js.publish(subject, encode(msg), headers=headers)
 
     async def reply(self, reply_to: str, msg: TokenChunk | ErrorReply) -> None:
         """One chunk to the client. No trace headers: a chunk per token, and its reader's span already holds it."""

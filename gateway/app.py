@@ -235,6 +235,14 @@ def _finish(
         ttft = replies.first_token_at - replies.opened_at
         metrics.TTFT.labels(model).observe(ttft)
         span.set_attribute("epd.ttft_ms", round(ttft * 1e3, 3))
+        if replies.first_token_ns is not None:  # the TTFT window as a span, to lay the pipeline's spans against
+            first = tracer().start_span(
+                "ttft",
+                context=trace.set_span_in_context(span),
+                start_time=replies.opened_ns,
+                attributes={"epd.request_id": replies.request_id},
+            )
+            first.end(end_time=replies.first_token_ns)
         if replies.tokens > 1 and replies.last_token_at is not None:
             tpot = (replies.last_token_at - replies.first_token_at) / (replies.tokens - 1)
             metrics.TPOT.labels(model).observe(tpot)

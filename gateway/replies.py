@@ -64,6 +64,8 @@ class ReplyStream:
         self.opened_at = time.perf_counter()
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
+        self.opened_ns = time.time_ns()  # the same two instants on the spans' clock (the `ttft` span)
+        self.first_token_ns: int | None = None
         self.tokens = 0
         self._sub: nats.aio.subscription.Subscription | None = None
 
@@ -155,7 +157,8 @@ class ReplyStream:
                 self.finished = c.finish_reason is not None
                 if c.token_ids:
                     self.last_token_at = time.perf_counter()
-                    self.first_token_at = self.first_token_at or self.last_token_at
+                    if self.first_token_at is None:
+                        self.first_token_at, self.first_token_ns = self.last_token_at, time.time_ns()
                     self.tokens += len(c.token_ids)
                     self.token_ids += c.token_ids
                 if c.usage is not None and self._resumed_tokens:  # the whole answer's, not the continuation's

@@ -135,7 +135,10 @@ class Router:
 
     async def _route_images(self, keys: list[str]) -> Route:
         """The policy's source for each image, from the cache, the encode claims and the pool."""
-        present = await self.ec.exists(keys) if (self.ec and keys) else [False] * len(keys)
+        present = [False] * len(keys)
+        if self.ec and keys:
+            with tracer().start_as_current_span("ec.exists", attributes={"epd.images": len(keys)}):
+                present = await self.ec.exists(keys)
         if self.ec is not None:
             hits = sum(present)
             metrics.EC_LOOKUPS.labels("router", "hit").inc(hits)

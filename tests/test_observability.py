@@ -20,7 +20,7 @@ from .conftest import chat_body, png_bytes, post
 
 pytestmark = pytest.mark.e2e
 
-GATEWAY_SPANS = {"POST /v1/chat/completions", "route", "reply"}
+GATEWAY_SPANS = {"POST /v1/chat/completions", "route", "reply", "ttft"}  # (ttft: bench/pipeline_cost.py)
 # what a request with a new image leaves in each process, by topology
 EXPECTED = {
     "epd": {
@@ -29,27 +29,31 @@ EXPECTED = {
             "queue prefill",
             "prefill epd.v1.prefill",
             "ec.load",
+            "images.get",
             "encode",
             "ec.save",
             "prefill.forward",
+            "reply.first",
             "decode",
         },
     },
     "e-pd": {
         "epd-gateway": GATEWAY_SPANS,
-        "epd-encode": {"queue encode", "encode epd.v1.encode", "encode", "ec.save"},
-        "epd-pd": {"queue prefill", "prefill epd.v1.prefill", "ec.load", "prefill.forward", "decode"},
+        "epd-encode": {"queue encode", "encode epd.v1.encode", "images.get", "encode", "ec.save", "publish prefill"},
+        "epd-pd": {"queue prefill", "prefill epd.v1.prefill", "ec.load", "prefill.forward", "reply.first", "decode"},
     },
     "e-p-d": {
         "epd-gateway": GATEWAY_SPANS,
-        "epd-encode": {"queue encode", "encode epd.v1.encode", "encode", "ec.save"},
+        "epd-encode": {"queue encode", "encode epd.v1.encode", "images.get", "encode", "ec.save", "publish prefill"},
         "epd-prefill": {
             "queue prefill",
             "prefill epd.v1.prefill",
             "kv.reserve",
             "ec.load",
             "prefill.forward",
+            "reply.first",
             "kv.send",
+            "publish decode",
         },
         "epd-decode": {"queue decode", "decode epd.v1.decode", "kv.recv", "decode"},
     },

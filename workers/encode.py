@@ -106,7 +106,10 @@ class ImageEncoder:
         refs = [ImageEmbedding(key=k) for k in job.keys]
         # Another request may have brought the same image in meanwhile: encode (and rewrite) only what is still absent
         # (unless prefill found those entries unusable: then they exist, damaged, and must be written anew).
-        present = [False] * len(job.missing) if job.again else await self.ec.exists([job.keys[i] for i in job.missing])
+        present = [False] * len(job.missing)
+        if not job.again:
+            with tracer().start_as_current_span("ec.exists", attributes={"epd.images": len(job.missing)}):
+                present = await self.ec.exists([job.keys[i] for i in job.missing])
         missing = [i for i, there in zip(job.missing, present, strict=True) if not there]
         first: dict[str, int] = {}  # key -> its first image in this request: one encode per key
         for i in missing:
@@ -149,7 +152,8 @@ class ImageEncoder:
         """The images to encode, from the image store (only these: not the request's others), decoded."""
         parts = job.request.images()
         try:
-            data = await asyncio.gather(*(self._bytes(parts[i]) for i in indexes))
+            with tracer().start_as_current_span("images.get", attributes={"epd.images": len(indexes)}):
+                data = await asyncio.gather(*(self._bytes(parts[i]) for i in indexes))
         except ImageMissing as e:
             raise RequestFailed(503, f"{e}: send the request again", "server_error") from None
         try:

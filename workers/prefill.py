@@ -151,7 +151,8 @@ class PrefillStage:
         prime_text(gen, gen.resumed)  # a continuation's text goes on from where its client has it
         reason = finish_reason(first, 1, len(ids) + 1, req.sampling, self.eos, self.max_len)
         reply = chunk(gen, 0, first, reason)
-        await self.out.reply(req.reply_to, reply)
+        with tracer().start_as_current_span("reply.first"):  # the first token leaves: where TTFT's last hop begins
+            await self.out.reply(req.reply_to, reply)
         if reply.finish_reason is not None:
             return False
         await self.handoff(gen, out, writer)
