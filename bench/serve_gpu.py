@@ -234,18 +234,17 @@ async def topology_run(args: argparse.Namespace, topology: str, workdir: Path) -
 
 
 async def pipeline_cost(args: argparse.Namespace, cluster: object) -> dict:
-    try:
-        import pipeline_cost as cost  # noqa: PLC0415 - bench/pipeline_cost.py
-    except ImportError:
-        return {"error": "bench/pipeline_cost.py is not there"}
-    rng = random.Random(args.seed + 13)
-    return await cost.measure(
-        cluster.base_url,
-        cluster.settings.model_name,
-        Path(cluster.settings.trace_dir),
-        args.probe,
-        lambda: serve.picture_url(rng, args.image_size),
-    )
+    """bench/pipeline_cost.py at low load: new pictures, then text only; each request's TTFT split per hop."""
+    import pipeline_cost as cost  # noqa: PLC0415 - bench/pipeline_cost.py
+
+    out = {}
+    for kind, image in (("image", lambda i: cost.picture_url(10_000 + i, args.image_size)), ("text", None)):
+        summary = await cost.measure(cluster.base_url, cluster.settings.model_name, Path(cluster.settings.trace_dir),
+                                     args.probe, image)  # fmt: skip
+        summary.pop("rows", None)
+        out[kind] = summary
+        print(cost.table(f"{cluster.settings.topology} {kind}", summary), flush=True)
+    return out
 
 
 def strip(run: dict) -> dict:
@@ -307,11 +306,6 @@ def main(argv: list[str] | None = None) -> dict:
         t = time.perf_counter()
         build(args.model_dir, small=args.small)
         print(f"built {args.model_dir} in {time.perf_counter() - t:.0f} s", flush=True)
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for topology in args.topologies:
-            results[topology] = asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology))
-    print_table(results)
     gpu = "none"
     try:
         import torch  # noqa: PLC0415
@@ -319,14 +313,19 @@ def main(argv: list[str] | None = None) -> dict:
         gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     except ImportError:
         pass
+    results: dict = {}
     report = {
         "date": time.strftime("%Y%m%d-%H%M%S"),
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} vCPU, GPU {gpu}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} vCPU, GPU {gpu}",
         "command": "python bench/serve_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report) + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        for topology in args.topologies:
+            results[topology] = asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology))
+            args.out.write_text(json.dumps(report) + "\n")  # after each topology: a cut-short run keeps the rest
+    print_table(results)
     print(f"wrote {args.out}")
     runs = [run for t in results.values() for run in t.get("random_mm", [])]
     if runs:

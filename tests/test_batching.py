@@ -16,6 +16,7 @@ from epd.schemas.common import SamplingParams
 from epd.workers.decode_batch import DecodeBatch
 from epd.workers.engine import load_family
 from epd.workers.engine.checkpoint import Checkpoint
+from epd.workers.engine.cuda_graphs import GraphCaptureError
 from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.errors import RequestFailed
@@ -110,6 +111,30 @@ async def test_requests_joining_a_running_decode_batch_get_generates_tokens(engi
     assert got == expected
     assert max(sizes) >= 2  # some joined a batch already running
     assert cache.free_tokens == cache.capacity_tokens and batch.load.kv_tokens == 0 and not batch.seqs
+
+
+class UnrecordableGraphs:
+    """Stands in for `GraphedSteps` on a machine without CUDA: every recording fails, as one that overlaps
+    another thread's device work did on an H200."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def launch(self, *args: object, **kwargs: object) -> None:
+        self.tries += 1
+        raise GraphCaptureError("recording the decode step for batch 1, width 1: capture invalidated")
+
+
+async def test_a_step_that_cannot_be_recorded_runs_eagerly_and_nobody_fails(engine) -> None:  # noqa: ANN001
+    path, ckpt, family = engine
+    question, images = CASES[0]
+    cache, batch = new_batch(ckpt, family)
+    batch._graphs = graphs = UnrecordableGraphs()
+    greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    got = await generate(batch, family, "r0", *prompt(ckpt, family, question, images), greedy)
+    assert got == reference(path, question, images or None, MAX_NEW)[0]
+    assert graphs.tries == 1 and batch._graphs is None  # tried once, then eager for good
+    assert cache.free_tokens == cache.capacity_tokens
 
 
 async def test_a_seeded_sample_draws_the_same_tokens_alone_and_in_a_batch(engine) -> None:  # noqa: ANN001

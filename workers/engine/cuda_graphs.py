@@ -40,11 +40,11 @@ def bucket(n: int, cap: int | None = None) -> int:
     return min(b, cap) if cap is not None and cap >= n else b
 
 
-@dataclass
 class GraphCaptureError(RuntimeError):
     """A step could not be recorded; the decoder runs its steps eagerly from then on."""
 
 
+@dataclass
 class _Graph:
     graph: torch.cuda.CUDAGraph
     staged: tuple[torch.Tensor, torch.Tensor]  # 2 x (4 * batch + batch * width,) int32, pinned host memory
