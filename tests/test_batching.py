@@ -272,6 +272,31 @@ async def test_what_queues_while_busy_runs_together_within_the_limits() -> None:
     assert batches == [[1, 2, 3], [4], [9, 1]]  # at most 3 items; cost at most 10 (9 goes alone or first)
 
 
+async def test_an_urgent_item_overtakes_the_queue_and_waits_only_for_the_running_batch() -> None:
+    """Prefill's text-only prompts against pictures' queued ahead of them: the urgent ones run next, in their
+    order, and the others keep theirs."""
+    started, release = threading.Event(), threading.Event()
+    batches: list[list[str]] = []
+
+    def run(items: list[str]) -> list[str]:
+        if not batches:
+            started.set()
+            assert release.wait(30)
+        batches.append(items)
+        return items
+
+    batcher = MicroBatcher(run, max_batch=2, stage="test")
+    first = asyncio.ensure_future(batcher.submit("img0"))
+    assert await asyncio.to_thread(started.wait, 30)  # img0 runs; everything below queues behind it
+    queued = [asyncio.ensure_future(batcher.submit(f"img{i}")) for i in (1, 2, 3)]
+    await asyncio.sleep(0)
+    text = [asyncio.ensure_future(batcher.submit(t, urgent=True)) for t in ("txt1", "txt2", "txt3")]
+    await asyncio.sleep(0)
+    release.set()
+    await asyncio.gather(first, *queued, *text)
+    assert batches == [["img0"], ["txt1", "txt2"], ["txt3", "img1"], ["img2", "img3"]]
+
+
 async def test_the_next_batch_is_prepared_while_the_current_one_runs() -> None:
     """With a prepare stage, batch 2's preparation happens during batch 1's run: run 1 waits for it (bounded:
     a batcher that prepared only after running would leave it waiting and fail the assertion)."""

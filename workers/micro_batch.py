@@ -44,12 +44,20 @@ class MicroBatcher(Generic[T, R]):
         self.run, self.max_batch, self.stage, self.cost, self.max_cost = run, max_batch, stage, cost, max_cost
         self.prepare = prepare
         self._queue: list[tuple[T, asyncio.Future]] = []
+        self._urgent: set[asyncio.Future] = set()  # the queue's head: urgent items, in their order
         self._runner: asyncio.Task | None = None
 
-    async def submit(self, item: T) -> tuple[R, int]:
-        """`item`'s result, and the size of the batch it ran in."""
+    async def submit(self, item: T, urgent: bool = False) -> tuple[R, int]:
+        """`item`'s result, and the size of the batch it ran in. An `urgent` item goes ahead of every item that
+        is not, so that it waits at most for the batch running now (prefill: text-only prompts before pictures'
+        long ones)."""
         future: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        if urgent:
+            head = next((n for n, (_, f) in enumerate(self._queue) if f not in self._urgent), len(self._queue))
+            self._queue.insert(head, (item, future))
+            self._urgent.add(future)
+        else:
+            self._queue.append((item, future))
         if self._runner is None:
             self._runner = asyncio.create_task(self._drain())
         return await future
@@ -60,6 +68,7 @@ class MicroBatcher(Generic[T, R]):
         while n < min(len(queue), self.max_batch) and self.cost([i for i, _ in queue[: n + 1]]) <= self.max_cost:
             n += 1
         self._queue = queue[n:]
+        self._urgent.intersection_update(f for _, f in self._queue)
         return queue[:n]
 
     def _work(self, items: list[T]) -> list[R]:

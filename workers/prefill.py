@@ -135,7 +135,8 @@ class PrefillStage:
                 "epd.kv_layerwise": writer is not None,
             },
         ) as span:
-            out, batch = await self.batcher.submit((ids, images, writer))
+            # text-only prompts go ahead of queued pictures' (issue 21: behind them, text waited seconds on a GPU)
+            out, batch = await self.batcher.submit((ids, images, writer), urgent=not images)
             span.set_attribute("epd.batch", batch)
         first = sample(out.logits, req.sampling, len(ids))
         gen = Generation(
