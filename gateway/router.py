@@ -104,7 +104,13 @@ class Router:
     async def _store_images(self, images: list[ImagePart]) -> list[str]:
         """Check each image off the event loop, store its bytes once, and leave only its key in the request."""
         new = [(i, im) for i, im in enumerate(images) if im.data]  # (the others were stored by an earlier attempt)
-        keys = [await asyncio.to_thread(self._check_image, im, i) for i, im in new]
+        # decoded side by side in threads (Pillow lets go of the GIL); a bad image is named by its place, the first
+        checked = await asyncio.gather(
+            *(asyncio.to_thread(self._check_image, im, i) for i, im in new), return_exceptions=True
+        )
+        if bad := next((c for c in checked if isinstance(c, BaseException)), None):
+            raise bad
+        keys = list(checked)
         with tracer().start_as_current_span("images.put", attributes={"epd.bytes": sum(len(im.data) for _, im in new)}):
             await asyncio.gather(*(self.images.put(k, im.data) for k, (_, im) in zip(keys, new, strict=True)))
         for key, (_, image) in zip(keys, new, strict=True):

@@ -1,7 +1,9 @@
 """The gateway as clients meet it: cancellation, API keys."""
 
 import asyncio
+import io
 import json
+import random
 import re
 import time
 from pathlib import Path
@@ -13,6 +15,7 @@ from epd.gateway.app import create_app
 from epd.ops.status_view import gather_status
 from epd.ops.trace_view import load_spans, spans_for_request
 from epd.ops.up import Cluster
+from PIL import Image
 
 from .conftest import chat_body, png_bytes
 
@@ -128,6 +131,14 @@ async def test_limits_answer_413_and_400_and_the_server_serves_on(cluster: Clust
             r = await client.post(route, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
             assert "lone surrogate" in r.json()["error"]["message"]
+        # images are checked side by side; of several bad ones, the error names the first by place (a cut-off PNG
+        # at 1), not the one refused soonest (the bomb at 2 is refused from its header alone)
+        noise = io.BytesIO()  # slow to decode: noise does not compress, and the cut comes near the end
+        Image.frombytes("RGB", (1200, 1200), random.Random(5).randbytes(3 * 1200 * 1200)).save(noise, "PNG")
+        cut = noise.getvalue()[: len(noise.getvalue()) * 9 // 10]
+        mixed = chat_body("Which?", [png_bytes(size=(40, 40)), cut, bomb_png(side, side)])
+        r = await client.post("/v1/chat/completions", json=mixed)
+        assert r.status_code == 400 and "image 1 could not be decoded" in r.json()["error"]["message"], r.text
         ok = await client.post("/v1/chat/completions", json=chat_body("Still there?"))
         assert ok.status_code == 200
 
