@@ -21,6 +21,7 @@ from epd.workers.engine.family import Family
 from epd.workers.engine.kv_cache import PagedKVCache
 from epd.workers.errors import RequestFailed
 from epd.workers.micro_batch import MicroBatcher
+from prometheus_client import REGISTRY
 
 from .conftest import engine_prompt as prompt
 from .conftest import pictures, png_bytes
@@ -111,6 +112,17 @@ async def test_requests_joining_a_running_decode_batch_get_generates_tokens(engi
     assert got == expected
     assert max(sizes) >= 2  # some joined a batch already running
     assert cache.free_tokens == cache.capacity_tokens and batch.load.kv_tokens == 0 and not batch.seqs
+
+
+async def test_the_decoders_step_time_counts_the_steps_of_an_unchanged_batch(engine) -> None:  # noqa: ANN001
+    _, ckpt, family = engine
+    _, batch = new_batch(ckpt, family)
+    count = lambda: REGISTRY.get_sample_value("epd_decode_step_seconds_count") or 0.0  # noqa: E731
+    before = count()
+    greedy = SamplingParams(max_tokens=MAX_NEW, temperature=0.0)
+    tokens = await generate(batch, family, "r0", *prompt(ckpt, family, *CASES[1]), greedy)
+    steps = len(tokens) - 1  # the first token came from prefill
+    assert steps > 2 and count() - before == steps - 1  # the first step has no step before it to time from
 
 
 class UnrecordableGraphs:
