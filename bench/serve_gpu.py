@@ -11,8 +11,9 @@ worker on the same GPU) serves, in this order:
 
     python bench/serve_gpu.py --model-dir /tmp/qwen2.5-vl-7b-random      # builds the checkpoint if missing
 
-The checkpoint is `tools/random_checkpoint.py`'s Qwen2.5-VL-7B shape in bf16. Prints a table per topology and
-writes bench/results/serve_gpu.json (every run in `vllm bench serve`'s field names) and serve_gpu.png.
+The checkpoint is `tools/random_checkpoint.py`'s Qwen2.5-VL-7B shape in bf16. Prints each step's figures as it
+goes and a table at the end, and writes bench/results/serve_gpu.json (every run in `vllm bench serve`'s field
+names) and serve_gpu.png.
 `--device cpu --small` runs the same steps on a small checkpoint: a check that the script works.
 """
 
@@ -32,11 +33,15 @@ import tempfile
 import time
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve  # noqa: E402 - bench/serve.py, beside this script
+
+if TYPE_CHECKING:
+    from epd.ops.up import Cluster
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,7 +62,7 @@ def cluster_settings(args: argparse.Namespace) -> dict:
 
 
 def bench_args(
-    args: argparse.Namespace, cluster: object, workload: str, rates: list[float], n: int
+    args: argparse.Namespace, cluster: Cluster, workload: str, rates: list[float], n: int
 ) -> argparse.Namespace:
     """bench/serve.py's arguments for one workload against `cluster`."""
     argv = ["--base-url", cluster.base_url, "--model", cluster.settings.model_name, "--tokenizer", str(args.model_dir)]
@@ -137,7 +142,7 @@ async def repeat_test(args: argparse.Namespace, base_url: str, model: str) -> di
     return out
 
 
-def cpu_seconds(cluster: object) -> dict[str, float]:
+def cpu_seconds(cluster: Cluster) -> dict[str, float]:
     """CPU seconds used so far by each process of `cluster` and by this one (Linux /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
     procs = {name: p.pid for name, p in cluster.procs.items()}
@@ -154,7 +159,7 @@ def cpu_seconds(cluster: object) -> dict[str, float]:
     return out
 
 
-async def decode_counters(cluster: object) -> dict[str, float]:
+async def decode_counters(cluster: Cluster) -> dict[str, float]:
     """The decoding workers' step time and batch size counters, summed (their Prometheus endpoints)."""
     from epd.ops.status_view import gather_status  # noqa: PLC0415
 
@@ -172,7 +177,7 @@ async def decode_counters(cluster: object) -> dict[str, float]:
     return out
 
 
-async def busy(cluster: object, step: Awaitable) -> tuple[object, dict]:
+async def busy(cluster: Cluster, step: Awaitable) -> tuple[object, dict]:
     """`step`'s result; each process's share of one core while it ran (1.0: a core kept busy throughout); and the
     decoders' own mean step time and batch over the same time."""
     before, counters, started = cpu_seconds(cluster), await decode_counters(cluster), time.perf_counter()
@@ -233,7 +238,7 @@ async def topology_run(args: argparse.Namespace, topology: str, workdir: Path) -
     return out
 
 
-async def pipeline_cost(args: argparse.Namespace, cluster: object) -> dict:
+async def pipeline_cost(args: argparse.Namespace, cluster: Cluster) -> dict:
     """bench/pipeline_cost.py at low load: new pictures, then text only; each request's TTFT split per hop."""
     import pipeline_cost as cost  # noqa: PLC0415 - bench/pipeline_cost.py
 
@@ -245,11 +250,6 @@ async def pipeline_cost(args: argparse.Namespace, cluster: object) -> dict:
         out[kind] = summary
         print(cost.table(f"{cluster.settings.topology} {kind}", summary), flush=True)
     return out
-
-
-def strip(run: dict) -> dict:
-    """A run without its per-request lists, for the printed table."""
-    return {k: v for k, v in run.items() if not isinstance(v, list)}
 
 
 def print_table(results: dict) -> None:
