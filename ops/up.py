@@ -88,7 +88,10 @@ class Cluster:
                     self.add_worker(role, i)
             self.procs["gateway"] = self._spawn(["gateway"], "gateway")
             self._write_endpoints()
-            wait_until(self._ready, gateway_timeout_s, "gateway and workers", self.procs["gateway"])
+            try:
+                wait_until(self._ready, gateway_timeout_s, "gateway and workers", self.procs["gateway"])
+            except RuntimeError as e:  # say why: the end of each exited process's log
+                raise RuntimeError(f"{e}{self._exit_logs()}") from None
         except BaseException:
             self.stop()
             raise
@@ -162,6 +165,16 @@ class Cluster:
             return False
         started = [name.rsplit("-", 1)[0] for name in self.procs if name != "gateway"]
         return all(live.get(role, 0) >= started.count(role) for role in set(started))
+
+    def _exit_logs(self, lines: int = 12) -> str:
+        out = ""
+        for name in self.dead():
+            try:
+                tail = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
+            except OSError:
+                continue
+            out += f"\n--- the end of {name}'s log:\n" + "\n".join(tail)
+        return out
 
     def dead(self) -> list[str]:
         return [n for n, p in self.procs.items() if p.poll() is not None]

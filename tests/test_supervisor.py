@@ -145,3 +145,14 @@ async def test_with_nats_away_requests_get_a_retryable_503_and_ready_names_it(ti
             assert r.json()["choices"][0]["message"]["content"] == reference(tiny_model, "Hello there.", None, 12)[1]
     finally:
         cluster.stop()
+
+
+def test_a_cluster_that_cannot_start_says_why_from_the_logs(tmp_path: Path) -> None:
+    from epd.ops.up import Cluster
+
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    with pytest.raises(RuntimeError, match="before") as raised:
+        Cluster.local(not_a_model, tmp_path / "wd", "epd", gateway_timeout_s=60)
+    assert "the end of gateway's log" in str(raised.value)
+    assert "not-a-model/config.json" in str(raised.value)  # the cause, not only an exit code
