@@ -100,8 +100,9 @@ class Prompts:
         return self.tokenizer.decode(ids)
 
     def body(self) -> dict:
+        """The workload's next request."""
         a = self.args
-        content: list[dict] = [{"type": "text", "text": self.text()}]
+        text, urls = self.text(), []
         if a.workload != "text":
             n = self.rng.randint(1, a.max_images)
             urls = (
@@ -109,11 +110,17 @@ class Prompts:
                 if a.workload == "repeated-mm"
                 else [picture_url(self.rng, a.image_size) for _ in range(n)]
             )
-            content = [{"type": "image_url", "image_url": {"url": u}} for u in urls] + content
+        return self.request(urls, a.output_len, text)
+
+    def request(self, urls: list[str], max_tokens: int, text: str | None = None) -> dict:
+        """A streamed greedy request of the pictures at `urls`, then `text` (a new prompt if None), for exactly
+        `max_tokens` tokens (`ignore_eos`)."""
+        content = [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+        content.append({"type": "text", "text": self.text() if text is None else text})
         return {
-            "model": a.model,
+            "model": self.args.model,
             "messages": [{"role": "user", "content": content}],
-            "max_tokens": a.output_len,
+            "max_tokens": max_tokens,
             "temperature": 0,
             "ignore_eos": True,
             "stream": True,

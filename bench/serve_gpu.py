@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,27 +72,13 @@ def bench_args(
     return serve.parse_args(argv)
 
 
-def short_body(prompts: serve.Prompts, model: str, images: list[str], max_tokens: int) -> dict:
-    """A streamed request of `prompts`' text and `images` (data URLs) that stops after `max_tokens`."""
-    content = [{"type": "image_url", "image_url": {"url": u}} for u in images]
-    content.append({"type": "text", "text": prompts.text()})
-    return {
-        "model": model,
-        "messages": [{"role": "user", "content": content}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-
-
 def ttft_stats(results: list[serve.Result]) -> dict:
-    ok = sorted(1e3 * r.ttft for r in results if r.ok)
+    ok = [r.ttft for r in results if r.ok]
     if not ok:
         return {"n": 0, "failed": len(results), "errors": [r.error for r in results][:3]}
-    p99 = ok[min(len(ok) - 1, math.ceil(0.99 * len(ok)) - 1)]
-    return {"n": len(ok), "failed": len(results) - len(ok), "median_ms": statistics.median(ok), "p99_ms": p99}
+    ms = serve.percentiles("ttft", ok, [99])  # (nearest rank, as the load's own figures)
+    n = {"n": len(ok), "failed": len(results) - len(ok)}
+    return n | {"median_ms": ms["median_ttft_ms"], "p99_ms": ms["p99_ttft_ms"]}
 
 
 async def one_at_a_time(client: serve.Client, bodies: list[dict]) -> list[serve.Result]:
@@ -105,13 +90,13 @@ async def flood_test(args: argparse.Namespace, base_url: str, model: str) -> dic
     a = serve.parse_args(["--model", model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)])
     prompts = serve.Prompts(a)
     rng = random.Random(args.seed + 7)
-    text = [short_body(prompts, model, [], 8) for _ in range(args.probe)]
+    text = [prompts.request([], 8) for _ in range(args.probe)]
     stop, flooded = asyncio.Event(), []
 
     async def flood(client: serve.Client) -> None:
         while not stop.is_set():
             images = [serve.picture_url(rng, args.image_size) for _ in range(rng.randint(1, args.max_images))]
-            flooded.append(await client.send(short_body(prompts, model, images, 16)))
+            flooded.append(await client.send(prompts.request(images, 16)))
 
     async with serve.Client(base_url, 600) as client:
         alone = await one_at_a_time(client, text)
@@ -134,8 +119,8 @@ async def repeat_test(args: argparse.Namespace, base_url: str, model: str) -> di
     async with serve.Client(base_url, 600) as client:
         for _ in range(args.probe):
             url = serve.picture_url(rng, args.image_size)
-            new.append(await client.send(short_body(prompts, model, [url], 4)))
-            again.append(await client.send(short_body(prompts, model, [url], 4)))
+            new.append(await client.send(prompts.request([url], 4)))
+            again.append(await client.send(prompts.request([url], 4)))
     out = {"new": ttft_stats(new), "repeated": ttft_stats(again)}
     if out["new"]["n"] and out["repeated"]["n"]:
         out["median_ratio"] = out["repeated"]["median_ms"] / out["new"]["median_ms"]
