@@ -58,6 +58,7 @@ class Result:
     output_tokens: int = 0
     text: str = ""
     error: str = ""
+    id: str = ""  # the response's id (epd's request id: its spans carry it)
 
     @property
     def tpot(self) -> float:
@@ -222,6 +223,7 @@ async def _read(res: Result, started: float, events: AsyncIterator[bytes]) -> No
         if data == b"[DONE]":
             continue
         chunk = json.loads(data)
+        res.id = res.id or chunk.get("id", "")
         if chunk.get("usage"):
             res.prompt_tokens = chunk["usage"]["prompt_tokens"]
             res.output_tokens = chunk["usage"]["completion_tokens"]

@@ -11,6 +11,10 @@ worker on the same GPU) serves, in this order:
 
     python bench/serve_gpu.py --model-dir /tmp/qwen2.5-vl-7b-random      # builds the checkpoint if missing
 
+`--engine vllm` runs the same clusters with vLLM as the pd and epd workers' engine (workers/vllm_engine.py).
+`--server CMD --server-url URL` also runs steps 1-4 against any OpenAI-compatible server that CMD starts (vLLM's
+own `vllm serve`, for one), after the clusters: the same loads, side by side.
+
 The checkpoint is `tools/random_checkpoint.py`'s Qwen2.5-VL-7B shape in bf16. Prints each step's figures as it
 goes and a table at the end, and writes bench/results/serve_gpu.json (every run in `vllm bench serve`'s field
 names) and serve_gpu.png.
@@ -26,11 +30,13 @@ import math
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,18 +63,31 @@ def cluster_settings(args: argparse.Namespace) -> dict:
         "max_batch": 8,
         "max_inflight": 4096,
         "request_timeout_s": 600.0,
+        "engine": args.engine,
     }
 
 
+@dataclass
+class Target:
+    """What the loads are sent to: an OpenAI-compatible endpoint, its served model, and the processes behind it
+    (their CPU is measured); `cluster` where it is an epd cluster (its metrics and spans are read too)."""
+
+    label: str
+    base_url: str
+    model: str
+    pids: dict[str, int]
+    cluster: Cluster | None = None
+
+
 def bench_args(
-    args: argparse.Namespace, cluster: Cluster, workload: str, rates: list[float], n: int
+    args: argparse.Namespace, target: Target, workload: str, rates: list[float], n: int
 ) -> argparse.Namespace:
-    """bench/serve.py's arguments for one workload against `cluster`."""
-    argv = ["--base-url", cluster.base_url, "--model", cluster.settings.model_name, "--tokenizer", str(args.model_dir)]
+    """bench/serve.py's arguments for one workload against `target`."""
+    argv = ["--base-url", target.base_url, "--model", target.model, "--tokenizer", str(args.model_dir)]
     argv += ["--workload", workload, "--num-prompts", str(n), "--request-rate", *map(str, rates)]
     argv += ["--input-len", str(args.input_len), "--output-len", str(args.output_len)]
     argv += ["--image-size", str(args.image_size), "--max-images", str(args.max_images)]
-    argv += ["--label", cluster.settings.topology, "--goodput", *args.goodput, "--seed", str(args.seed)]
+    argv += ["--label", target.label, "--goodput", *args.goodput, "--seed", str(args.seed)]
     return serve.parse_args(argv)
 
 
@@ -81,14 +100,20 @@ def ttft_stats(results: list[serve.Result]) -> dict:
     return n | {"median_ms": ms["median_ttft_ms"], "p99_ms": ms["p99_ttft_ms"]}
 
 
+def probe_prompts(args: argparse.Namespace, target: Target) -> serve.Prompts:
+    """The probes' prompts: `--input-len` tokens of the model's vocabulary, as the loads'."""
+    argv = ["--model", target.model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)]
+    return serve.Prompts(serve.parse_args(argv))
+
+
 async def one_at_a_time(client: serve.Client, bodies: list[dict]) -> list[serve.Result]:
     return [await client.send(body) for body in bodies]
 
 
-async def flood_test(args: argparse.Namespace, base_url: str, model: str) -> dict:
-    """Text-only TTFT, one request at a time, unloaded and then under `--flood` clients of new pictures."""
-    a = serve.parse_args(["--model", model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)])
-    prompts = serve.Prompts(a)
+async def flood_test(args: argparse.Namespace, target: Target) -> dict:
+    """Text-only TTFT, one request at a time, unloaded and then under `--flood` clients of new pictures. On an epd
+    cluster, the slowest flooded text requests' TTFT is also split per hop from the spans (where they waited)."""
+    prompts = probe_prompts(args, target)
     rng = random.Random(args.seed + 7)
     text = [prompts.request([], 8) for _ in range(args.probe)]
     stop, flooded = asyncio.Event(), []
@@ -98,25 +123,45 @@ async def flood_test(args: argparse.Namespace, base_url: str, model: str) -> dic
             images = [serve.picture_url(rng, args.image_size) for _ in range(rng.randint(1, args.max_images))]
             flooded.append(await client.send(prompts.request(images, 16)))
 
-    async with serve.Client(base_url, 600) as client:
+    async with serve.Client(target.base_url, 600) as client:
         alone = await one_at_a_time(client, text)
         floods = [asyncio.create_task(flood(client)) for _ in range(args.flood)]
         await asyncio.sleep(args.flood_ramp_s)  # the encoders' queue fills before the probes start
+        spans = cost_module().SpanTail(Path(target.cluster.settings.trace_dir)) if target.cluster else None
         loaded = await one_at_a_time(client, text)
         stop.set()
         await asyncio.gather(*floods)
     out = {"unloaded": ttft_stats(alone), "flooded": ttft_stats(loaded), "flood": ttft_stats(flooded)}
     if out["unloaded"]["n"] and out["flooded"]["n"]:
         out["p99_ratio"] = out["flooded"]["p99_ms"] / out["unloaded"]["p99_ms"]
+    if spans is not None:
+        out["flooded_slowest"] = await slowest_text(spans, loaded)
     return out
 
 
-async def repeat_test(args: argparse.Namespace, base_url: str, model: str) -> dict:
+async def slowest_text(spans: object, results: list[serve.Result], shown: int = 3, flush_s: float = 5.0) -> list[dict]:
+    """The `shown` slowest of `results` (text-only requests whose spans `spans`, a SpanTail, saw), each TTFT split
+    per hop and span as bench/pipeline_cost.py does."""
+    cost, ids = cost_module(), {r.id for r in results if r.ok}
+    deadline = time.monotonic() + flush_s
+    while True:  # each process writes its spans every 200 ms
+        rows = [r for r in cost.breakdown(spans.read()) if r["request_id"] in ids]
+        if len(rows) == len(ids) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.3)
+    out = []
+    for r in sorted(rows, key=lambda r: -r["ttft_ms"])[:shown]:
+        detail = {label: round(ms, 2) for hop in r["detail_ms"].values() for label, ms in hop.items() if ms >= 1}
+        engine = {"prefill.forward": round(r["prefill_ms"], 2)}  # (its batcher's wait included)
+        out.append({"ttft_ms": round(r["ttft_ms"], 2), "hops_ms": r["hops_ms"], "spans_ms": engine | detail})
+    return out
+
+
+async def repeat_test(args: argparse.Namespace, target: Target) -> dict:
     """TTFT of one new picture per request, one at a time, against the same picture sent again right after."""
-    a = serve.parse_args(["--model", model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)])
-    prompts, rng = serve.Prompts(a), random.Random(args.seed + 11)
+    prompts, rng = probe_prompts(args, target), random.Random(args.seed + 11)
     new, again = [], []
-    async with serve.Client(base_url, 600) as client:
+    async with serve.Client(target.base_url, 600) as client:
         for _ in range(args.probe):
             url = serve.picture_url(rng, args.image_size)
             new.append(await client.send(prompts.request([url], 4)))
@@ -127,31 +172,51 @@ async def repeat_test(args: argparse.Namespace, base_url: str, model: str) -> di
     return out
 
 
-def cpu_seconds(cluster: Cluster) -> dict[str, float]:
-    """CPU seconds used so far by each process of `cluster` and by this one (Linux /proc)."""
+def cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds used so far by each named process with its children (a server's engine processes), and by
+    this one alone (Linux /proc; a child that has exited is no longer counted)."""
     tick = os.sysconf("SC_CLK_TCK")
-    procs = {name: p.pid for name, p in cluster.procs.items()}
-    procs |= {"nats": cluster.nats.proc.pid} if getattr(cluster.nats, "proc", None) else {}
-    procs |= {"mooncake-master": cluster.master.proc.pid} if cluster.master is not None else {}
-    procs["bench client"] = os.getpid()
-    out = {}
-    for name, pid in procs.items():
+    stats: dict[int, tuple[int, float]] = {}  # pid: (parent, CPU seconds)
+    for f in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = f.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
-    return out
+        stats[int(f.parent.name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # utime + stime
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _) in stats.items():
+        children.setdefault(parent, []).append(pid)
+
+    def tree(pid: int) -> float:
+        return stats[pid][1] + sum(tree(c) for c in children.get(pid, ()))
+
+    out = {name: tree(pid) for name, pid in pids.items() if pid in stats}
+    return out | {"bench client": stats[os.getpid()][1]}  # alone: the cluster's processes are its children
 
 
-async def decode_counters(cluster: Cluster) -> dict[str, float]:
-    """The decoding workers' step time and batch size counters, summed (their Prometheus endpoints)."""
+def cluster_pids(cluster: Cluster) -> dict[str, int]:
+    pids = {name: p.pid for name, p in cluster.procs.items()}
+    pids |= {"nats": cluster.nats.proc.pid} if getattr(cluster.nats, "proc", None) else {}
+    return pids | ({"mooncake-master": cluster.master.proc.pid} if cluster.master is not None else {})
+
+
+DECODE_COUNTERS = (
+    "epd_decode_step_seconds_sum",
+    "epd_decode_step_seconds_count",
+    'epd_batch_size_sum{stage="decode"}',
+    'epd_batch_size_count{stage="decode"}',
+)
+
+
+async def decode_counters(cluster: Cluster | None) -> dict[str, float]:
+    """The decoding workers' step time and batch size counters, summed (their Prometheus endpoints); zeros
+    where there is no epd cluster or its engine keeps no such counters (vLLM's)."""
+    out = dict.fromkeys(DECODE_COUNTERS, 0.0)
+    if cluster is None:
+        return out
     from epd.ops.status_view import gather_status  # noqa: PLC0415
 
     workers, _ = await gather_status(cluster.settings.nats_url)
-    wanted = ("epd_decode_step_seconds_sum", "epd_decode_step_seconds_count")
-    wanted += ('epd_batch_size_sum{stage="decode"}', 'epd_batch_size_count{stage="decode"}')
-    out = dict.fromkeys(wanted, 0.0)
     async with httpx.AsyncClient(timeout=10) as client:
         for w in workers:
             if w.role in ("decode", "pd", "epd") and w.metrics_url:
@@ -162,13 +227,13 @@ async def decode_counters(cluster: Cluster) -> dict[str, float]:
     return out
 
 
-async def busy(cluster: Cluster, step: Awaitable) -> tuple[object, dict]:
+async def busy(target: Target, step: Awaitable) -> tuple[object, dict]:
     """`step`'s result; each process's share of one core while it ran (1.0: a core kept busy throughout); and the
-    decoders' own mean step time and batch over the same time."""
-    before, counters, started = cpu_seconds(cluster), await decode_counters(cluster), time.perf_counter()
+    decoders' own mean step time and batch over the same time (epd's engine only)."""
+    before, counters, started = cpu_seconds(target.pids), await decode_counters(target.cluster), time.perf_counter()
     result = await step
-    wall, after = time.perf_counter() - started, cpu_seconds(cluster)
-    seen = {k: v - counters[k] for k, v in (await decode_counters(cluster)).items()}
+    wall, after = time.perf_counter() - started, cpu_seconds(target.pids)
+    seen = {k: v - counters[k] for k, v in (await decode_counters(target.cluster)).items()}
     cores = {name: round((after[name] - before[name]) / wall, 2) for name in after if name in before}
     steps, batches = seen["epd_decode_step_seconds_count"], seen['epd_batch_size_count{stage="decode"}']
     engine = {
@@ -192,6 +257,24 @@ def gpu_memory() -> list[dict]:
     return [{"pid": int(p), "mib": int(m)} for p, m in (line.split(",") for line in csv.splitlines() if "," in line)]
 
 
+async def steps(args: argparse.Namespace, target: Target, out: dict) -> None:
+    """Steps 1-5 (module doc) against `target`, each step's figures into `out` as it ends; 5 on an epd cluster
+    with epd's engine only (its spans)."""
+    await serve.bench(bench_args(args, target, "random-mm", [math.inf], args.warmup))  # not counted
+    out["gpu_memory"] = gpu_memory()
+    mm = bench_args(args, target, "random-mm", args.rates, args.num_prompts)
+    out["random_mm"], out["cpu_random_mm"] = await busy(target, serve.bench(mm))
+    text = bench_args(args, target, "text", args.text_rates, args.num_prompts)
+    out["text"], out["cpu_text"] = await busy(target, serve.bench(text))
+    print(f"   cores busy: random-mm {out['cpu_random_mm']}, text {out['cpu_text']}", flush=True)
+    out["flood"] = await flood_test(args, target)
+    print(f"   flood: {json.dumps(out['flood'])}", flush=True)
+    out["repeated_images"] = await repeat_test(args, target)
+    print(f"   repeated images: {json.dumps(out['repeated_images'])}", flush=True)
+    if target.cluster is not None and target.cluster.settings.engine == "epd":
+        out["pipeline_cost"] = await pipeline_cost(args, target.cluster)
+
+
 async def topology_run(args: argparse.Namespace, topology: str, workdir: Path) -> dict:
     from epd.ops.up import Cluster  # noqa: PLC0415
 
@@ -199,34 +282,74 @@ async def topology_run(args: argparse.Namespace, topology: str, workdir: Path) -
     cluster = await asyncio.to_thread(
         Cluster.local, args.model_dir, workdir, topology, None, args.startup_timeout_s, **cluster_settings(args)
     )
-    out: dict = {"startup_s": time.perf_counter() - started}
-    print(f"== {topology}: up in {out['startup_s']:.0f} s", flush=True)
+    out: dict = {"startup_s": time.perf_counter() - started, "engine": args.engine}
+    label = topology if args.engine == "epd" else f"{topology} ({args.engine})"
+    print(f"== {label}: up in {out['startup_s']:.0f} s", flush=True)
+    target = Target(label, cluster.base_url, cluster.settings.model_name, cluster_pids(cluster), cluster)
     try:
-        model = cluster.settings.model_name
-        await serve.bench(bench_args(args, cluster, "random-mm", [math.inf], args.warmup))  # not counted
-        out["gpu_memory"] = gpu_memory()
-        mm = bench_args(args, cluster, "random-mm", args.rates, args.num_prompts)
-        out["random_mm"], out["cpu_random_mm"] = await busy(cluster, serve.bench(mm))
-        text = bench_args(args, cluster, "text", args.text_rates, args.num_prompts)
-        out["text"], out["cpu_text"] = await busy(cluster, serve.bench(text))
-        print(f"   cores busy: random-mm {out['cpu_random_mm']}, text {out['cpu_text']}", flush=True)
-        out["flood"] = await flood_test(args, cluster.base_url, model)
-        print(f"   flood: {json.dumps(out['flood'])}", flush=True)
-        out["repeated_images"] = await repeat_test(args, cluster.base_url, model)
-        print(f"   repeated images: {json.dumps(out['repeated_images'])}", flush=True)
-        out["pipeline_cost"] = await pipeline_cost(args, cluster)
+        await steps(args, target, out)
     except Exception as e:  # noqa: BLE001 - keep what the other steps measured
         out["error"] = f"{type(e).__name__}: {e}"
-        print(f"   {topology} failed: {out['error']}", flush=True)
+        print(f"   {label} failed: {out['error']}", flush=True)
     finally:
         await asyncio.to_thread(cluster.stop)
     return out
 
 
+async def server_run(args: argparse.Namespace, workdir: Path) -> dict:
+    """Steps 1-4 against the server `--server` starts (its output in workdir/server.log), stopped after."""
+    from epd.ops.processes import spawn, stop  # noqa: PLC0415
+
+    log = workdir / "server.log"
+    proc = spawn(shlex.split(args.server), log)
+    started, out = time.perf_counter(), {"command": args.server}
+    try:
+        model = await served_model(args.server_url, proc, log, args.startup_timeout_s)
+        out["startup_s"] = time.perf_counter() - started
+        print(f"== {args.server_label}: {model} up in {out['startup_s']:.0f} s", flush=True)
+        await steps(args, Target(args.server_label, args.server_url, model, {"server": proc.pid}), out)
+    except Exception as e:  # noqa: BLE001 - keep what the other steps measured
+        out["error"] = f"{type(e).__name__}: {e}"
+        print(f"   {args.server_label} failed: {out['error']}\n{tail(log)}", flush=True)
+    finally:
+        await asyncio.to_thread(stop, [proc])
+    return out
+
+
+async def served_model(base_url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> str:
+    """The first model `base_url/v1/models` lists, once it answers; an error with the log's end if the server
+    exits first or does not answer within `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode} before it was ready")
+            try:
+                r = await client.get(f"{base_url}/v1/models")
+                if r.status_code == 200 and r.json().get("data"):
+                    return r.json()["data"][0]["id"]
+            except httpx.HTTPError:
+                pass
+            await asyncio.sleep(1.0)
+    raise TimeoutError(f"the server did not answer {base_url}/v1/models within {timeout_s:.0f} s")
+
+
+def tail(log: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def cost_module():  # noqa: ANN201 - bench/pipeline_cost.py, beside this script
+    import pipeline_cost  # noqa: PLC0415
+
+    return pipeline_cost
+
+
 async def pipeline_cost(args: argparse.Namespace, cluster: Cluster) -> dict:
     """bench/pipeline_cost.py at low load: new pictures, then text only; each request's TTFT split per hop."""
-    import pipeline_cost as cost  # noqa: PLC0415 - bench/pipeline_cost.py
-
+    cost = cost_module()
     out = {}
     for kind, image in (("image", lambda i: cost.picture_url(10_000 + i, args.image_size)), ("text", None)):
         summary = await cost.measure(cluster.base_url, cluster.settings.model_name, Path(cluster.settings.trace_dir),
@@ -256,7 +379,11 @@ def print_table(results: dict) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", type=Path, required=True, help="the checkpoint (built there if missing)")
-    p.add_argument("--topologies", nargs="+", default=["e-p-d", "e-pd", "epd"])
+    p.add_argument("--topologies", nargs="*", default=["e-p-d", "e-pd", "epd"], help="none: --server's only")
+    p.add_argument("--engine", default="epd", choices=("epd", "vllm"), help="the clusters' pd and epd engine")
+    p.add_argument("--server", default="", help="a command that starts an OpenAI-compatible server to run beside")
+    p.add_argument("--server-url", default="http://127.0.0.1:8000", help="where --server's server answers")
+    p.add_argument("--server-label", default="server", help="its name in the results and the plot")
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--small", action="store_true", help="build the small checkpoint (a check on the CPU)")
@@ -308,8 +435,14 @@ def main(argv: list[str] | None = None) -> dict:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         for topology in args.topologies:
-            results[topology] = asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology))
+            label = topology if args.engine == "epd" else f"{topology} ({args.engine})"
+            results[label] = asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology))
             args.out.write_text(json.dumps(report) + "\n")  # after each topology: a cut-short run keeps the rest
+        if args.server:
+            workdir = (args.workdir or Path(tmp)) / "server"
+            workdir.mkdir(parents=True, exist_ok=True)
+            results[args.server_label] = asyncio.run(server_run(args, workdir))
+            args.out.write_text(json.dumps(report) + "\n")
     print_table(results)
     print(f"wrote {args.out}")
     runs = [run for t in results.values() for run in t.get("random_mm", [])]

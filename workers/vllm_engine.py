@@ -55,9 +55,12 @@ EC_ROLES = {"pd": "ec_both", "encode": "ec_producer"}
 ENCODER_KV_BYTES = 64 << 20
 
 
-def engine_args(role: str, settings: Settings) -> Any:
-    from vllm.engine.arg_utils import AsyncEngineArgs
+def engine_options(role: str, settings: Settings) -> dict[str, Any]:
+    """vLLM's engine arguments for a worker of `role`, from epd's settings (the names AsyncEngineArgs takes).
 
+    pd and epd keep `max_seqs` sequences running, as epd's decoder does. On a GPU, vLLM records its CUDA graphs
+    (eager on the CPU build) and sizes its KV cache to epd's `kv_cache_mb`: the encoders and the other workers
+    share that GPU, so no process may claim most of its memory (vLLM's default)."""
     transfer = None
     if role in EC_ROLES:
         extra = {name: getattr(settings, name) for name in CONNECTOR_SETTINGS}
@@ -67,21 +70,29 @@ def engine_args(role: str, settings: Settings) -> Any:
             "ec_role": EC_ROLES[role],
             "ec_connector_extra_config": {k: v for k, v in extra.items() if v != "" or k == "ec_dir"},
         }
-    # an encoder keeps no KV cache; a size given skips the CPU build's check that most of the memory is free (passed
-    # to the encoder only: the pd and epd roles keep each release's defaults)
-    encoder_only = {"kv_cache_memory_bytes": ENCODER_KV_BYTES} if role == "encode" else {}
-    return AsyncEngineArgs(
-        model=str(settings.model),
-        served_model_name=settings.model_name,
-        dtype=settings.dtype,
-        max_num_seqs=settings.max_batch,
-        enforce_eager=True,
-        enable_prefix_caching=False,  # a cached prefix would skip the connector: each answer computed afresh
-        limit_mm_per_prompt={"image": 1 if role == "encode" else settings.max_images, "video": 0},
-        ec_transfer_config=transfer,
-        seed=0,
-        **encoder_only,
-    )
+    gpu = settings.device.startswith("cuda")
+    # an encoder keeps no KV cache; a size given skips the CPU build's check that most of the memory is free
+    kv = {"kv_cache_memory_bytes": ENCODER_KV_BYTES} if role == "encode" else {}
+    if gpu and role != "encode":
+        kv = {"kv_cache_memory_bytes": int(settings.kv_cache_mb * (1 << 20))}
+    return {
+        "model": str(settings.model),
+        "served_model_name": settings.model_name,
+        "dtype": settings.dtype,
+        "max_num_seqs": settings.max_batch if role == "encode" else settings.max_seqs,
+        "enforce_eager": not gpu,
+        "enable_prefix_caching": False,  # a cached prefix would skip the connector: each answer computed afresh
+        "limit_mm_per_prompt": {"image": 1 if role == "encode" else settings.max_images, "video": 0},
+        "ec_transfer_config": transfer,
+        "seed": 0,
+        **kv,
+    }
+
+
+def engine_args(role: str, settings: Settings) -> Any:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    return AsyncEngineArgs(**engine_options(role, settings))
 
 
 def sampling_for(req: Request) -> Any:
@@ -124,7 +135,7 @@ class VllmStage:
 
     def __init__(self, sv: Services, llm: Any, tokenizer: Any) -> None:
         self.out, self.cancelled, self.llm, self.tokenizer = sv.out, sv.cancelled, llm, tokenizer
-        self.capacity = sv.settings.max_batch
+        self.capacity = sv.settings.max_seqs  # a request holds its slot until its last token
         self.images = sv.images
 
     async def handle(self, job: PrefillJob | EmbeddingReady) -> None:

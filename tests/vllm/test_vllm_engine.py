@@ -30,7 +30,7 @@ def vllm_cluster(
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         workdir = tmp_path_factory.mktemp(f"{request.param}-vllm")
-        c = start_cluster(vllm_model, workdir, request.param, engine="vllm", max_batch=2)
+        c = start_cluster(vllm_model, workdir, request.param, engine="vllm", max_batch=2, max_seqs=2)
         try:
             yield c
         finally:
