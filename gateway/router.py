@@ -19,7 +19,7 @@ from epd.connectors.image_store import ImageStore
 from epd.connectors.keys import KeySpace
 from epd.core import metrics, subjects
 from epd.core.claims import EncodeClaims
-from epd.core.images import BadImage, ImageTooLarge, open_image
+from epd.core.images import BadImage, ImageTooLarge, check_image
 from epd.core.routing import Route, RoutingPolicy, Source
 from epd.core.runtime import Runtime
 from epd.core.tracing import tracer
@@ -92,9 +92,10 @@ class Router:
             raise ApiError(400, "an image part has no bytes", param="messages")
 
     def _check_image(self, image: ImagePart, i: int) -> str:
-        """Decodable and within the pixel limit (a 400 or 413 naming it otherwise); its content key."""
+        """An image, whole and within the pixel limit, from its header and structure (a 400 or 413 naming it
+        otherwise; core/images.check_image); its content key."""
         try:
-            open_image(image.data, i, self.settings.max_image_pixels)
+            check_image(image.data, i, self.settings.max_image_pixels)
         except ImageTooLarge as e:
             raise ApiError(413, str(e), param="messages") from None
         except BadImage as e:
@@ -104,7 +105,7 @@ class Router:
     async def _store_images(self, images: list[ImagePart]) -> list[str]:
         """Check each image off the event loop, store its bytes once, and leave only its key in the request."""
         new = [(i, im) for i, im in enumerate(images) if im.data]  # (the others were stored by an earlier attempt)
-        # decoded side by side in threads (Pillow lets go of the GIL); a bad image is named by its place, the first
+        # checked side by side in threads; a bad image is named by its place, the first
         checked = await asyncio.gather(
             *(asyncio.to_thread(self._check_image, im, i) for i, im in new), return_exceptions=True
         )

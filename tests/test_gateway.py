@@ -6,6 +6,7 @@ import json
 import random
 import re
 import time
+import zlib
 from pathlib import Path
 
 import httpx
@@ -298,4 +299,31 @@ async def test_a_prompt_over_the_model_length_is_400(cluster: Cluster) -> None:
         r = await client.post("/v1/chat/completions", json=chat_body("word " * 5000))
         assert r.status_code == 400 and "maximum length is 4096" in r.json()["error"]["message"]
         ok = await client.post("/v1/chat/completions", json=chat_body("Short."))
+        assert ok.status_code == 200
+
+
+def whole_but_undecodable_png() -> bytes:
+    """A PNG whose every chunk is there with its checksum right, but whose pixel data is no deflate stream: only
+    decoding it tells."""
+    data = png_bytes(size=(64, 48))
+    at = data.index(b"IDAT") - 4
+    length = int.from_bytes(data[at : at + 4], "big")
+    garbage = bytes(random.Random(3).randrange(256) for _ in range(length))
+    crc = zlib.crc32(b"IDAT" + garbage).to_bytes(4, "big")
+    return data[: at + 8] + garbage + crc + data[at + 12 + length :]
+
+
+@pytest.mark.e2e
+async def test_an_image_the_gateway_passes_but_that_cannot_be_decoded_is_400_from_the_encoder(
+    cluster: Cluster,
+) -> None:
+    """The gateway checks a picture's header and structure, not its pixels (core/images.check_image): the worker
+    that decodes it answers the caller, naming the image, and serves on."""
+    bad = whole_but_undecodable_png()
+    with Image.open(io.BytesIO(bad)) as probe:
+        probe.verify()  # whole, as far as a check without decoding can tell
+    async with httpx.AsyncClient(base_url=cluster.base_url, timeout=60) as client:
+        r = await client.post("/v1/chat/completions", json=chat_body("Which?", [png_bytes(size=(40, 40)), bad]))
+        assert r.status_code == 400 and "image 1 could not be decoded" in r.json()["error"]["message"], r.text
+        ok = await client.post("/v1/chat/completions", json=chat_body("Still there?", png_bytes(size=(40, 40))))
         assert ok.status_code == 200
