@@ -4,9 +4,11 @@ For each request, the TTFT window is the gateway's `ttft` span: from the gateway
 stream (in `submit`, before routing; the instant `epd.ttft_ms` counts from) to the gateway reading its first
 token. Every instant of that window is given to exactly one part, so the parts add up to `ttft_ms` exactly:
 
-- **engine**: the engine's compute, the `encode` span (the encoder's batcher: preprocessing and the vision
-  forward) and the `prefill.forward` span (the prefill batcher: the forward that gives the first token's logits;
-  with the direct KV path, the layer-by-layer KV writes started inside it are counted here too).
+- **engine**: the engine's compute, the `images.decode` span (the encoder's decode of the picture's bytes
+  into pixels, which an engine in one process does too), the `encode` span (the encoder's batcher:
+  preprocessing and the vision forward) and the `prefill.forward` span (the prefill batcher: the forward that
+  gives the first token's logits; with the direct KV path, the layer-by-layer KV writes started inside it are
+  counted here too).
 - **mooncake**: `ec.exists` (the gateway's and the encoder's cache look-ups), `ec.save`, `ec.load`, `ec.wait`,
   `kv.send`, `kv.recv`. (In epd and e-pd, `ec.*` is the in-process cache's: tens of µs, no Mooncake.)
 - **nats**: `publish <stage>` (encoding a job and JetStream's storing ack), `queue <stage>` (stored to fetched),
@@ -15,10 +17,10 @@ token. Every instant of that window is given to exactly one part, so the parts a
   `images.get` (the image bytes in the JetStream object store), `kv.reserve` (direct KV: prefill's NATS
   request for room on a decoder, no bytes through Mooncake), and the reply leg: from prefill's `reply.first`
   span starting (the first token's chunk published on core NATS) to the window's end (the gateway reading it).
-- **worker**: the rest of a worker's stage span (`<stage> <subject>`): the job's checks, image decoding
-  (PIL) before the encoder, the prompt's tokenization, sampling the first token, building its chunk.
+- **worker**: the rest of a worker's stage span (`<stage> <subject>`): the job's checks, the prompt's
+  tokenization, sampling the first token, building its chunk.
 - **gateway**: the rest of the gateway's own spans (`route`: the request's checks, image checks off the
-  event loop, the routing policy, the encode jobs' building).
+  event loop (header and structure, core/images.check_image), the routing policy, the encode jobs' building).
 - **other**: what no span covers: between the window's start and `route` (subscribing the reply inbox),
   and any scheduling gap between spans.
 
@@ -59,7 +61,7 @@ from pathlib import Path
 
 import httpx
 
-ENGINE = frozenset({"encode", "prefill.forward"})
+ENGINE = frozenset({"images.decode", "encode", "prefill.forward"})
 MOONCAKE = frozenset({"ec.exists", "ec.save", "ec.load", "ec.wait", "kv.send", "kv.recv"})
 NATS_NAMES = frozenset({"images.put", "images.get", "kv.reserve"})
 NATS_PREFIXES = ("publish ", "queue ", "claims.")
@@ -134,6 +136,7 @@ def _row(group: list[dict]) -> dict | None:
         "before_ms": (window[0] - root["start_ns"]) / 1e6 if root else None,
         "images": sum(s["attributes"].get("epd.images", 0) for s in group if s["name"] == "route"),
         "engine_ms": ms["engine"],
+        "decode_ms": split["engine"].get("images.decode", 0) / 1e6,
         "encode_ms": split["engine"].get("encode", 0) / 1e6,
         "prefill_ms": split["engine"].get("prefill.forward", 0) / 1e6,
         "pipeline_ms": ttft_ms - ms["engine"],
@@ -144,7 +147,7 @@ def _row(group: list[dict]) -> dict | None:
 
 def breakdown(spans: list[dict]) -> list[dict]:
     """One row per request trace that has a TTFT window (module doc), in the order the requests came:
-    `request_id`, `ttft_ms`, `engine_ms` (of it `encode_ms`, `prefill_ms`), `pipeline_ms` = `ttft_ms -
+    `request_id`, `ttft_ms`, `engine_ms` (of it `decode_ms`, `encode_ms`, `prefill_ms`), `pipeline_ms` = `ttft_ms -
     engine_ms`, `hops_ms` {gateway, nats, mooncake, worker, other} adding up to `pipeline_ms` (`detail_ms`: each
     hop per span name, plus 'fetched <stage>', 'reply leg' and 'no span'), `images`,
     `before_ms` and the gateway's own `gateway_ttft_ms` (rounded to µs; perf_counter, not the spans' clock)."""
@@ -167,7 +170,7 @@ def summarize(rows: list[dict]) -> dict:
     if not rows:
         return {"n": 0}
     out: dict = {"n": len(rows)}
-    for key in ("ttft_ms", "engine_ms", "encode_ms", "prefill_ms", "pipeline_ms"):
+    for key in ("ttft_ms", "engine_ms", "decode_ms", "encode_ms", "prefill_ms", "pipeline_ms"):
         out[key] = _stats([r[key] for r in rows])
     out["hops_ms"] = {h: _stats([r["hops_ms"][h] for r in rows]) for h in HOPS}
     # within each hop, the median of each span's share (0 where a request has none): where to look first
@@ -304,7 +307,8 @@ def picture_url(i: int, size: int = 448) -> str:
 def table(name: str, summary: dict) -> str:
     if not summary.get("n"):
         return f"{name}: no complete request"
-    cells = [("ttft", summary["ttft_ms"]), ("engine", summary["engine_ms"]), ("pipeline", summary["pipeline_ms"])]
+    cells = [("ttft", summary["ttft_ms"]), ("engine", summary["engine_ms"]), ("decode", summary["decode_ms"])]
+    cells.append(("pipeline", summary["pipeline_ms"]))
     cells += [(h, summary["hops_ms"][h]) for h in HOPS]
     if "client_ttft_ms" in summary:
         cells.append(("client", summary["client_ttft_ms"]))

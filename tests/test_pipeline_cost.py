@@ -92,6 +92,7 @@ def test_summary_takes_median_and_p90() -> None:
         {
             "ttft_ms": float(v),
             "engine_ms": 1.0,
+            "decode_ms": 0.0,
             "encode_ms": 0.0,
             "prefill_ms": 1.0,
             "pipeline_ms": v - 1.0,
@@ -137,8 +138,8 @@ async def test_a_real_clusters_spans_split_exactly(tiny_model: Path, tmp_path: P
         assert row["ttft_ms"] < row["client_ttft_ms"]  # the gateway's TTFT lies inside the client's
         assert hops["nats"] > 0 and hops["gateway"] > 0  # queues, route
     for row in images["rows"]:
-        assert row["images"] == 1 and row["encode_ms"] > 0
+        assert row["images"] == 1 and row["encode_ms"] > 0 and row["decode_ms"] > 0  # (its bytes, PIL)
         assert row["detail_ms"]["mooncake"]["ec.save"] > 0 and row["detail_ms"]["mooncake"]["ec.load"] > 0
-        assert row["engine_ms"] == pytest.approx(row["encode_ms"] + row["prefill_ms"], abs=1e-6)
+        assert row["engine_ms"] == pytest.approx(row["decode_ms"] + row["encode_ms"] + row["prefill_ms"], abs=1e-6)
     for row in texts["rows"]:
         assert row["images"] == 0 and row["encode_ms"] == 0 and row["engine_ms"] == row["prefill_ms"]

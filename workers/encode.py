@@ -157,7 +157,8 @@ class ImageEncoder:
         except ImageMissing as e:
             raise RequestFailed(503, f"{e}: send the request again", "server_error") from None
         try:
-            return await asyncio.to_thread(lambda: [open_image(d, i) for d, i in zip(data, indexes, strict=True)])
+            with tracer().start_as_current_span("images.decode", attributes={"epd.images": len(indexes)}):
+                return await asyncio.to_thread(lambda: [open_image(d, i) for d, i in zip(data, indexes, strict=True)])
         except BadImage as e:
             raise RequestFailed(400, str(e)) from None
 
