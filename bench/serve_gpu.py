@@ -128,7 +128,9 @@ async def flood_test(args: argparse.Namespace, target: Target) -> dict:
         floods = [asyncio.create_task(flood(client)) for _ in range(args.flood)]
         await asyncio.sleep(args.flood_ramp_s)  # the encoders' queue fills before the probes start
         spans = cost_module().SpanTail(Path(target.cluster.settings.trace_dir)) if target.cluster else None
+        scraped = await scrape(target.cluster)
         loaded = await one_at_a_time(client, text)
+        lag = loop_lag(scraped, await scrape(target.cluster))
         stop.set()
         await asyncio.gather(*floods)
     out = {"unloaded": ttft_stats(alone), "flooded": ttft_stats(loaded), "flood": ttft_stats(flooded)}
@@ -136,6 +138,7 @@ async def flood_test(args: argparse.Namespace, target: Target) -> dict:
         out["p99_ratio"] = out["flooded"]["p99_ms"] / out["unloaded"]["p99_ms"]
     if spans is not None:
         out["flooded_slowest"] = await slowest_text(spans, loaded)
+        out["loop_lag"] = lag  # while the flooded probes ran
     return out
 
 
@@ -200,47 +203,76 @@ def cluster_pids(cluster: Cluster) -> dict[str, int]:
     return pids | ({"mooncake-master": cluster.master.proc.pid} if cluster.master is not None else {})
 
 
-DECODE_COUNTERS = (
-    "epd_decode_step_seconds_sum",
-    "epd_decode_step_seconds_count",
-    'epd_batch_size_sum{stage="decode"}',
-    'epd_batch_size_count{stage="decode"}',
-)
-
-
-async def decode_counters(cluster: Cluster | None) -> dict[str, float]:
-    """The decoding workers' step time and batch size counters, summed (their Prometheus endpoints); zeros
-    where there is no epd cluster or its engine keeps no such counters (vLLM's)."""
-    out = dict.fromkeys(DECODE_COUNTERS, 0.0)
+async def scrape(cluster: Cluster | None) -> dict[str, list]:
+    """Every epd process's Prometheus samples (the gateway's and each worker's), by process: name, labels, value."""
     if cluster is None:
-        return out
+        return {}
     from epd.ops.status_view import gather_status  # noqa: PLC0415
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
 
     workers, _ = await gather_status(cluster.settings.nats_url)
+    urls = {"gateway": f"{cluster.base_url}/metrics"}
+    for w in sorted(workers, key=lambda w: (w.role, w.worker_id)):
+        if w.metrics_url:
+            urls[f"{w.role}-{sum(name.startswith(w.role + '-') for name in urls)}"] = w.metrics_url
+    out = {}
     async with httpx.AsyncClient(timeout=10) as client:
-        for w in workers:
-            if w.role in ("decode", "pd", "epd") and w.metrics_url:
-                for line in (await client.get(w.metrics_url)).text.splitlines():
-                    name, _, value = line.rpartition(" ")
-                    if name in out:
-                        out[name] += float(value)
+        for name, url in urls.items():
+            families = text_string_to_metric_families((await client.get(url)).text)
+            out[name] = [(s.name, s.labels, s.value) for family in families for s in family.samples]
+    return out
+
+
+def total(samples: dict[str, list], processes: tuple[str, ...], name: str, **labels: str) -> float:
+    """The sum of metric `name` (with `labels`) over the processes whose name starts with one of `processes`."""
+    return sum(
+        v
+        for proc, rows in samples.items()
+        if proc.startswith(processes)
+        for n, have, v in rows
+        if n == name and labels.items() <= have.items()
+    )
+
+
+def delta(before: dict, after: dict, processes: tuple[str, ...], name: str, **labels: str) -> float:
+    """How much `total` grew from one scrape to the next."""
+    return total(after, processes, name, **labels) - total(before, processes, name, **labels)
+
+
+def decode_engine(before: dict[str, list], after: dict[str, list]) -> dict:
+    """The decoders' own mean step time and batch between two scrapes (epd's engine: vLLM keeps no such counter)."""
+    decoders = ("decode-", "pd-", "epd-")
+    steps = delta(before, after, decoders, "epd_decode_step_seconds_count")
+    step_s = delta(before, after, decoders, "epd_decode_step_seconds_sum")
+    batches = delta(before, after, decoders, "epd_batch_size_count", stage="decode")
+    batched = delta(before, after, decoders, "epd_batch_size_sum", stage="decode")
+    return {
+        "decode_step_ms": 1e3 * step_s / steps if steps else None,
+        "decode_batch": batched / batches if batches else None,
+    }
+
+
+def loop_lag(before: dict[str, list], after: dict[str, list]) -> dict[str, dict]:
+    """Each process's event-loop lateness between two scrapes: seconds late in all, and ticks over 100 ms late."""
+    out = {}
+    for proc in after:
+        ticks = delta(before, after, (proc,), "epd_event_loop_lag_seconds_count")
+        if ticks:
+            late = ticks - delta(before, after, (proc,), "epd_event_loop_lag_seconds_bucket", le="0.1")
+            lag_s = delta(before, after, (proc,), "epd_event_loop_lag_seconds_sum")
+            out[proc] = {"late_s": round(lag_s, 3), "ticks_over_100ms": int(late)}
     return out
 
 
 async def busy(target: Target, step: Awaitable) -> tuple[object, dict]:
-    """`step`'s result; each process's share of one core while it ran (1.0: a core kept busy throughout); and the
-    decoders' own mean step time and batch over the same time (epd's engine only)."""
-    before, counters, started = cpu_seconds(target.pids), await decode_counters(target.cluster), time.perf_counter()
+    """`step`'s result; each process's share of one core while it ran (1.0: a core kept busy throughout); the
+    decoders' own mean step time and batch; each process's event-loop lateness (epd clusters)."""
+    before, scraped, started = cpu_seconds(target.pids), await scrape(target.cluster), time.perf_counter()
     result = await step
     wall, after = time.perf_counter() - started, cpu_seconds(target.pids)
-    seen = {k: v - counters[k] for k, v in (await decode_counters(target.cluster)).items()}
+    now = await scrape(target.cluster)
     cores = {name: round((after[name] - before[name]) / wall, 2) for name in after if name in before}
-    steps, batches = seen["epd_decode_step_seconds_count"], seen['epd_batch_size_count{stage="decode"}']
-    engine = {
-        "decode_step_ms": 1e3 * seen["epd_decode_step_seconds_sum"] / steps if steps else None,
-        "decode_batch": seen['epd_batch_size_sum{stage="decode"}'] / batches if batches else None,
-    }
-    return result, {"cores": cores, "engine": engine}
+    return result, {"cores": cores, "engine": decode_engine(scraped, now), "loop_lag": loop_lag(scraped, now)}
 
 
 def gpu_memory() -> list[dict]:

@@ -48,6 +48,14 @@ BATCH_SIZE = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
 )
 
+LOOP_LAG = Histogram(
+    "epd_event_loop_lag_seconds",
+    "How late the process's event loop ran a timer due every 50 ms: time it spent in work that did not yield "
+    "(a blocking call, a device wait on its thread, the GIL held by other threads), which every job waited too",
+    ["process"],
+    buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+)
+
 # -- connectors and caches
 EC_LOOKUPS = Counter("epd_encoder_cache_lookups", "Encoder-cache lookups, by result (hit, miss)", ["where", "result"])
 CONNECTOR_BYTES = Counter(

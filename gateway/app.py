@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from epd.core import metrics
 from epd.core.config import Settings
+from epd.core.loop_lag import watch_loop_lag
 from epd.core.tracing import tracer
 from epd.schemas.common import Usage
 from fastapi import FastAPI, Request
@@ -46,7 +48,11 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.gateway = await Gateway.start(settings)
+        stopping = asyncio.Event()
+        lag = asyncio.create_task(watch_loop_lag("gateway", stopping))
         yield
+        stopping.set()
+        await lag
         await app.state.gateway.close()
 
     # Our request span is the HTTP server span (HTTP and GenAI attributes both): FastAPI's own telemetry

@@ -49,6 +49,7 @@ def test_every_step_measures_every_request(tmp_path: Path) -> None:
     busy = result["cpu_text"]
     assert {"encode-0", "prefill-0", "decode-0", "gateway", "bench client"} <= set(busy["cores"])
     assert busy["engine"]["decode_step_ms"] > 0  # the decoder's own counter, read from its metrics endpoint
+    assert {"gateway", "encode-0", "prefill-0", "decode-0"} <= set(result["flood"]["loop_lag"])  # every process's
     for kind in ("image", "text"):
         split = result["pipeline_cost"][kind]
         assert split["n"] == 2 and split["pipeline_ms"]["p50"] > 0

@@ -8,6 +8,7 @@ import signal
 
 from epd.core.config import Settings
 from epd.core.heartbeat import Heartbeat
+from epd.core.loop_lag import watch_loop_lag
 from epd.core.metrics import serve_metrics
 from epd.core.runtime import Runtime
 from epd.core.tracing import setup_tracing
@@ -65,6 +66,7 @@ async def run_worker(role: str, settings: Settings) -> None:
     )
     beating = asyncio.create_task(heartbeat.run(stopping))
     background = [asyncio.create_task(task(stopping)) for task in parts.background]
+    background.append(asyncio.create_task(watch_loop_lag(role, stopping)))
     try:
         await asyncio.gather(*(lp.run() for lp in loops))
     finally:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Protocol
 
+import torch
 from epd.connectors.ec import ECConnector
 from epd.connectors.kv import KVConnector, KVTransferError, KVWriter
 from epd.core import metrics, subjects
@@ -80,7 +82,12 @@ class PrefillStage:
         )
 
     def _forward(self, prompts: list[tuple[list[int], list[Encoded], KVWriter | None]]) -> list[Prefilled]:
-        return self.family.prefill_batch([(ids, images) for ids, images, _ in prompts], [w for *_, w in prompts])
+        """The batch's forward, its first tokens' logits brought to the host here, in the batcher's thread: read on
+        the device from the event loop, each first token's sampling waited there for whatever the other threads
+        had queued on the GPU by then (the next forward, the encoder's, decode steps), and the loop with it."""
+        out = self.family.prefill_batch([(ids, images) for ids, images, _ in prompts], [w for *_, w in prompts])
+        host = torch.stack([p.logits for p in out]).cpu()  # (batch, vocab): one copy, one wait
+        return [replace(p, logits=row) for p, row in zip(out, host, strict=True)]
 
     async def handle(self, job: PrefillJob | EmbeddingReady) -> None:
         req = job.request
