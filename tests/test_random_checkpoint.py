@@ -35,6 +35,9 @@ def test_the_weights_carry_the_published_names_in_several_shards(random_7b_small
     assert "lm_head.weight" in index and "model.embed_tokens.weight" in index
     assert any(k.startswith("visual.blocks.") for k in index) and any(k.startswith("model.layers.") for k in index)
     assert not any(k.startswith(("model.language_model.", "model.visual.")) for k in index)
+    # the class engines build from it, as the published config names it (vLLM took it for an embedding model)
+    config = json.loads((random_7b_small / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2_5_VLForConditionalGeneration"]
 
 
 async def test_epd_serves_it_as_transformers_generates(random_7b_small: Path, tmp_path: Path) -> None:

@@ -163,6 +163,9 @@ def build(out: str | Path, small: bool = False, layers: int = 28, shard_gb: floa
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = qwen2_5_vl_7b_config(layers, small)
+    # as the published config names it: engines pick the model class from it (without it, vLLM takes the
+    # checkpoint for an embedding model and serves no chat completions)
+    config.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     config.save_pretrained(out)
     eos = [SPECIAL_IDS["<|im_end|>"], SPECIAL_IDS["<|endoftext|>"]]
     generation = {"bos_token_id": SPECIAL_IDS["<|endoftext|>"], "pad_token_id": SPECIAL_IDS["<|endoftext|>"]}
