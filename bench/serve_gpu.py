@@ -27,15 +27,17 @@ import argparse
 import asyncio
 import json
 import math
+import multiprocessing
 import os
 import platform
+import queue
 import random
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -112,27 +114,31 @@ async def one_at_a_time(client: serve.Client, bodies: list[dict]) -> list[serve.
 
 async def flood_test(args: argparse.Namespace, target: Target) -> dict:
     """Text-only TTFT, one request at a time, unloaded and then under `--flood` clients of new pictures. On an epd
-    cluster, the slowest flooded text requests' TTFT is also split per hop from the spans (where they waited)."""
+    cluster, the slowest flooded text requests' TTFT is also split per hop from the spans (where they waited).
+
+    The flood runs in a process of its own: drawing its pictures (a 640x640 noise PNG takes 6-18 ms) and
+    encoding its bodies of megabytes would hold the event loop that times the probes."""
     prompts = probe_prompts(args, target)
-    rng = random.Random(args.seed + 7)
     text = [prompts.request([], 8) for _ in range(args.probe)]
-    stop, flooded = asyncio.Event(), []
-
-    async def flood(client: serve.Client) -> None:
-        while not stop.is_set():
-            images = [serve.picture_url(rng, args.image_size) for _ in range(rng.randint(1, args.max_images))]
-            flooded.append(await client.send(prompts.request(images, 16)))
-
+    mp = multiprocessing.get_context("spawn")
+    running, stop, results = mp.Event(), mp.Event(), mp.Queue()
+    flood_args = (target.base_url, target.model, str(args.model_dir), args.input_len, args.image_size)
+    flood_args += (args.max_images, args.flood, args.seed + 7)
+    flood = mp.Process(target=flood_clients, args=(*flood_args, running, stop, results), daemon=True)
     async with serve.Client(target.base_url, 600) as client:
         alone = await one_at_a_time(client, text)
-        floods = [asyncio.create_task(flood(client)) for _ in range(args.flood)]
-        await asyncio.sleep(args.flood_ramp_s)  # the encoders' queue fills before the probes start
-        spans = cost_module().SpanTail(Path(target.cluster.settings.trace_dir)) if target.cluster else None
-        scraped = await scrape(target.cluster)
-        loaded = await one_at_a_time(client, text)
-        lag = loop_lag(scraped, await scrape(target.cluster))
-        stop.set()
-        await asyncio.gather(*floods)
+        flood.start()
+        try:
+            if not await asyncio.to_thread(running.wait, 120):
+                raise RuntimeError("the flood's process did not start within 120 s")
+            await asyncio.sleep(args.flood_ramp_s)  # the encoders' queue fills before the probes start
+            spans = cost_module().SpanTail(Path(target.cluster.settings.trace_dir)) if target.cluster else None
+            scraped = await scrape(target.cluster)
+            loaded = await one_at_a_time(client, text)
+            lag = loop_lag(scraped, await scrape(target.cluster))
+        finally:
+            stop.set()
+            flooded = await asyncio.to_thread(collect, flood, results)
     out = {"unloaded": ttft_stats(alone), "flooded": ttft_stats(loaded), "flood": ttft_stats(flooded)}
     if out["unloaded"]["n"] and out["flooded"]["n"]:
         out["p99_ratio"] = out["flooded"]["p99_ms"] / out["unloaded"]["p99_ms"]
@@ -140,6 +146,47 @@ async def flood_test(args: argparse.Namespace, target: Target) -> dict:
         out["flooded_slowest"] = await slowest_text(spans, loaded)
         out["loop_lag"] = lag  # while the flooded probes ran
     return out
+
+
+def collect(flood: multiprocessing.Process, results: object, timeout_s: float = 660.0) -> list[serve.Result]:
+    """What the flood's process sent back once stopped (its requests then in flight end first); none if it died."""
+    deadline, rows = time.monotonic() + timeout_s, []
+    while time.monotonic() < deadline:
+        try:
+            rows = results.get(timeout=1.0)
+            break
+        except queue.Empty:
+            if not flood.is_alive():
+                break
+    flood.join(timeout=30)
+    if flood.is_alive():
+        flood.kill()
+    return [serve.Result(ok=ok, ttft=ttft, error=error) for ok, ttft, error in rows]
+
+
+def flood_clients(
+    base_url: str, model: str, tokenizer: str, input_len: int, image_size: int, max_images: int, clients: int,
+    seed: int, running: object, stop: object, results: object,
+) -> None:  # fmt: skip
+    """The flood's process: `clients` clients each sending requests of 1 to `max_images` new pictures, one after
+    another, until `stop` is set; (ok, ttft, error) of each request goes to `results`."""
+
+    async def flood() -> list[tuple[bool, float, str]]:
+        argv = ["--model", model, "--tokenizer", tokenizer, "--input-len", str(input_len)]
+        prompts, rng, done = serve.Prompts(serve.parse_args(argv)), random.Random(seed), []
+
+        async def one(client: serve.Client) -> None:
+            while not stop.is_set():
+                images = [serve.picture_url(rng, image_size) for _ in range(rng.randint(1, max_images))]
+                r = await client.send(prompts.request(images, 16))
+                done.append((r.ok, r.ttft, r.error))
+
+        async with serve.Client(base_url, 600) as client:
+            running.set()
+            await asyncio.gather(*(one(client) for _ in range(clients)))
+        return done
+
+    results.put(asyncio.run(flood()))
 
 
 async def slowest_text(spans: object, results: list[serve.Result], shown: int = 3, flush_s: float = 5.0) -> list[dict]:
@@ -289,63 +336,71 @@ def gpu_memory() -> list[dict]:
     return [{"pid": int(p), "mib": int(m)} for p, m in (line.split(",") for line in csv.splitlines() if "," in line)]
 
 
-async def steps(args: argparse.Namespace, target: Target, out: dict) -> None:
-    """Steps 1-5 (module doc) against `target`, each step's figures into `out` as it ends; 5 on an epd cluster
-    with epd's engine only (its spans)."""
+async def steps(args: argparse.Namespace, target: Target, out: dict, save: Callable[[], None]) -> None:
+    """Steps 1-5 (module doc) against `target`, each step's figures into `out` and saved as it ends (a run cut
+    short keeps them); 5 on an epd cluster with epd's engine only (its spans)."""
     await serve.bench(bench_args(args, target, "random-mm", [math.inf], args.warmup))  # not counted
     out["gpu_memory"] = gpu_memory()
     mm = bench_args(args, target, "random-mm", args.rates, args.num_prompts)
     out["random_mm"], out["cpu_random_mm"] = await busy(target, serve.bench(mm))
+    save()
     text = bench_args(args, target, "text", args.text_rates, args.num_prompts)
     out["text"], out["cpu_text"] = await busy(target, serve.bench(text))
+    save()
     print(f"   cores busy: random-mm {out['cpu_random_mm']}, text {out['cpu_text']}", flush=True)
     out["flood"] = await flood_test(args, target)
+    save()
     print(f"   flood: {json.dumps(out['flood'])}", flush=True)
     out["repeated_images"] = await repeat_test(args, target)
+    save()
     print(f"   repeated images: {json.dumps(out['repeated_images'])}", flush=True)
     if target.cluster is not None and target.cluster.settings.engine == "epd":
         out["pipeline_cost"] = await pipeline_cost(args, target.cluster)
 
 
-async def topology_run(args: argparse.Namespace, topology: str, workdir: Path) -> dict:
+def run_label(topology: str, engine: str) -> str:
+    """A cluster's name in the results and the plot: its topology, and its engine unless epd's own."""
+    return topology if engine == "epd" else f"{topology} ({engine})"
+
+
+async def topology_run(args: argparse.Namespace, topology: str, workdir: Path, out: dict, save: Callable) -> None:
     from epd.ops.up import Cluster  # noqa: PLC0415
 
     started = time.perf_counter()
     cluster = await asyncio.to_thread(
         Cluster.local, args.model_dir, workdir, topology, None, args.startup_timeout_s, **cluster_settings(args)
     )
-    out: dict = {"startup_s": time.perf_counter() - started, "engine": args.engine}
-    label = topology if args.engine == "epd" else f"{topology} ({args.engine})"
+    out.update(startup_s=time.perf_counter() - started, engine=args.engine)
+    label = run_label(topology, args.engine)
     print(f"== {label}: up in {out['startup_s']:.0f} s", flush=True)
     target = Target(label, cluster.base_url, cluster.settings.model_name, cluster_pids(cluster), cluster)
     try:
-        await steps(args, target, out)
+        await steps(args, target, out, save)
     except Exception as e:  # noqa: BLE001 - keep what the other steps measured
         out["error"] = f"{type(e).__name__}: {e}"
         print(f"   {label} failed: {out['error']}", flush=True)
     finally:
         await asyncio.to_thread(cluster.stop)
-    return out
 
 
-async def server_run(args: argparse.Namespace, workdir: Path) -> dict:
+async def server_run(args: argparse.Namespace, workdir: Path, out: dict, save: Callable) -> None:
     """Steps 1-4 against the server `--server` starts (its output in workdir/server.log), stopped after."""
     from epd.ops.processes import spawn, stop  # noqa: PLC0415
 
     log = workdir / "server.log"
     proc = spawn(shlex.split(args.server), log)
-    started, out = time.perf_counter(), {"command": args.server}
+    started = time.perf_counter()
+    out["command"] = args.server
     try:
         model = await served_model(args.server_url, proc, log, args.startup_timeout_s)
         out["startup_s"] = time.perf_counter() - started
         print(f"== {args.server_label}: {model} up in {out['startup_s']:.0f} s", flush=True)
-        await steps(args, Target(args.server_label, args.server_url, model, {"server": proc.pid}), out)
+        await steps(args, Target(args.server_label, args.server_url, model, {"server": proc.pid}), out, save)
     except Exception as e:  # noqa: BLE001 - keep what the other steps measured
         out["error"] = f"{type(e).__name__}: {e}"
         print(f"   {args.server_label} failed: {out['error']}\n{tail(log)}", flush=True)
     finally:
         await asyncio.to_thread(stop, [proc])
-    return out
 
 
 async def served_model(base_url: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> str:
@@ -465,16 +520,22 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each step: a run cut short keeps what it measured
+        args.out.write_text(json.dumps(report) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         for topology in args.topologies:
-            label = topology if args.engine == "epd" else f"{topology} ({args.engine})"
-            results[label] = asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology))
-            args.out.write_text(json.dumps(report) + "\n")  # after each topology: a cut-short run keeps the rest
+            label = run_label(topology, args.engine)
+            results[label] = {}
+            asyncio.run(topology_run(args, topology, (args.workdir or Path(tmp)) / topology, results[label], save))
+            save()
         if args.server:
             workdir = (args.workdir or Path(tmp)) / "server"
             workdir.mkdir(parents=True, exist_ok=True)
-            results[args.server_label] = asyncio.run(server_run(args, workdir))
-            args.out.write_text(json.dumps(report) + "\n")
+            results[args.server_label] = {}
+            asyncio.run(server_run(args, workdir, results[args.server_label], save))
+            save()
     print_table(results)
     print(f"wrote {args.out}")
     runs = [run for t in results.values() for run in t.get("random_mm", [])]
