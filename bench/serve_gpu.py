@@ -303,10 +303,11 @@ def loop_lag(before: dict[str, list], after: dict[str, list]) -> dict[str, dict]
     """Each process's event-loop lateness between two scrapes: seconds late in all, and ticks over 100 ms late."""
     out = {}
     for proc in after:
-        ticks = delta(before, after, (proc,), "epd_event_loop_lag_seconds_count")
+        was, now = {proc: before.get(proc, [])}, {proc: after[proc]}  # this process alone (not decode-10 in decode-1)
+        ticks = delta(was, now, (proc,), "epd_event_loop_lag_seconds_count")
         if ticks:
-            late = ticks - delta(before, after, (proc,), "epd_event_loop_lag_seconds_bucket", le="0.1")
-            lag_s = delta(before, after, (proc,), "epd_event_loop_lag_seconds_sum")
+            late = ticks - delta(was, now, (proc,), "epd_event_loop_lag_seconds_bucket", le="0.1")
+            lag_s = delta(was, now, (proc,), "epd_event_loop_lag_seconds_sum")
             out[proc] = {"late_s": round(lag_s, 3), "ticks_over_100ms": int(late)}
     return out
 

@@ -72,3 +72,23 @@ def test_a_server_started_from_a_command_gets_the_same_loads(tmp_path: Path) -> 
     assert result["cpu_random_mm"]["cores"]["server"] > 0  # the command's own process, measured
     assert "pipeline_cost" not in result and "flooded_slowest" not in result["flood"]  # no spans to read
     assert not port_open("127.0.0.1", port)  # the server was stopped
+
+
+def test_loop_lag_counts_each_process_alone() -> None:
+    """Between two scrapes, each process's lateness and its ticks over 100 ms late, decode-10 not in decode-1."""
+    bench = load("serve_gpu")
+
+    def samples(ticks: float, late_s: float, within_100ms: float) -> list:
+        name, labels = "epd_event_loop_lag_seconds", {"process": "decode"}
+        return [
+            (f"{name}_count", labels, ticks),
+            (f"{name}_sum", labels, late_s),
+            (f"{name}_bucket", labels | {"le": "0.1"}, within_100ms),
+        ]
+
+    before = {"decode-1": samples(10, 0.1, 10), "decode-10": samples(5, 0.0, 5)}
+    after = {"decode-1": samples(20, 1.1, 18), "decode-10": samples(100, 9.0, 90), "gateway": samples(4, 0.0, 4)}
+    lag = bench.loop_lag(before, after)
+    assert lag["decode-1"] == {"late_s": 1.0, "ticks_over_100ms": 2}
+    assert lag["decode-10"] == {"late_s": 9.0, "ticks_over_100ms": 10}
+    assert lag["gateway"] == {"late_s": 0.0, "ticks_over_100ms": 0}  # first seen after: all of it counts
