@@ -22,7 +22,12 @@ class Landed:
 
     async def start(self) -> Landed:
         self._sub = await self.nc.subscribe(subjects.ec_landed("*"), cb=self._on)
-        await self.nc.flush()  # the server has the subscription before anyone counts on it
+        # The server has the subscription before anyone counts on it, after two round trips: nats-py writes a
+        # flush's PING at once, while the SUB may still wait in its buffer for the flusher task, so the first PONG
+        # can come back before the server saw the SUB (1 run in about 30 lost the first announcement). The
+        # flusher runs while the first round trip is out: the second PING follows the SUB.
+        await self.nc.flush()
+        await self.nc.flush()
         return self
 
     async def announce(self, keys: list[str]) -> None:
