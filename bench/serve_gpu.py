@@ -104,8 +104,11 @@ def ttft_stats(results: list[serve.Result]) -> dict:
 
 def probe_prompts(args: argparse.Namespace, target: Target) -> serve.Prompts:
     """The probes' prompts: `--input-len` tokens of the model's vocabulary, as the loads'."""
-    argv = ["--model", target.model, "--tokenizer", str(args.model_dir), "--input-len", str(args.input_len)]
-    return serve.Prompts(serve.parse_args(argv))
+    return prompts_for(target.model, str(args.model_dir), args.input_len)
+
+
+def prompts_for(model: str, tokenizer: str, input_len: int) -> serve.Prompts:
+    return serve.Prompts(serve.parse_args(["--model", model, "--tokenizer", tokenizer, "--input-len", str(input_len)]))
 
 
 async def one_at_a_time(client: serve.Client, bodies: list[dict]) -> list[serve.Result]:
@@ -172,8 +175,7 @@ def flood_clients(
     another, until `stop` is set; (ok, ttft, error) of each request goes to `results`."""
 
     async def flood() -> list[tuple[bool, float, str]]:
-        argv = ["--model", model, "--tokenizer", tokenizer, "--input-len", str(input_len)]
-        prompts, rng, done = serve.Prompts(serve.parse_args(argv)), random.Random(seed), []
+        prompts, rng, done = prompts_for(model, tokenizer, input_len), random.Random(seed), []
 
         async def one(client: serve.Client) -> None:
             while not stop.is_set():
@@ -386,7 +388,7 @@ async def topology_run(args: argparse.Namespace, topology: str, workdir: Path, o
 
 async def server_run(args: argparse.Namespace, workdir: Path, out: dict, save: Callable) -> None:
     """Steps 1-4 against the server `--server` starts (its output in workdir/server.log), stopped after."""
-    from epd.ops.processes import spawn, stop  # noqa: PLC0415
+    from epd.ops.processes import log_tail, spawn, stop  # noqa: PLC0415
 
     log = workdir / "server.log"
     proc = spawn(shlex.split(args.server), log)
@@ -399,7 +401,7 @@ async def server_run(args: argparse.Namespace, workdir: Path, out: dict, save: C
         await steps(args, Target(args.server_label, args.server_url, model, {"server": proc.pid}), out, save)
     except Exception as e:  # noqa: BLE001 - keep what the other steps measured
         out["error"] = f"{type(e).__name__}: {e}"
-        print(f"   {args.server_label} failed: {out['error']}\n{tail(log)}", flush=True)
+        print(f"   {args.server_label} failed: {out['error']}\n{log_tail(log)}", flush=True)
     finally:
         await asyncio.to_thread(stop, [proc])
 
@@ -420,13 +422,6 @@ async def served_model(base_url: str, proc: subprocess.Popen, log: Path, timeout
                 pass
             await asyncio.sleep(1.0)
     raise TimeoutError(f"the server did not answer {base_url}/v1/models within {timeout_s:.0f} s")
-
-
-def tail(log: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
 
 
 def cost_module():  # noqa: ANN201 - bench/pipeline_cost.py, beside this script

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -79,7 +80,7 @@ def main() -> None:
                     )
         finally:
             cluster.stop()
-    machine = f"{platform.machine()}, {__import__('os').cpu_count()} vCPU"
+    machine = f"{platform.machine()}, {os.cpu_count()} vCPU"
     args.out.write_text(json.dumps({"date": time.strftime("%Y%m%d-%H%M%S"), "machine": machine, "rows": rows}) + "\n")
     print(f"wrote {args.out}")
 

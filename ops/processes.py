@@ -56,6 +56,14 @@ def wait_until(check: Callable[[], bool], timeout_s: float, what: str, proc: sub
     raise TimeoutError(f"{what} not ready after {timeout_s:.0f}s")
 
 
+def log_tail(log: Path, lines: int = 30) -> str:
+    """The last `lines` lines of a process's log ('' if it cannot be read): why it exited, for an error."""
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
 def spawn(argv: Sequence[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start a child whose output goes to `log` and that dies when we do."""
     log.parent.mkdir(parents=True, exist_ok=True)

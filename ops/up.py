@@ -24,7 +24,7 @@ from epd.core.config import TOPOLOGY_ROLES, Settings
 from epd.core.metrics import serve_metrics
 from epd.ops.infra import MooncakeMaster, NatsServer
 from epd.ops.nats_cluster import NatsCluster
-from epd.ops.processes import free_port, spawn, stop, wait_until
+from epd.ops.processes import free_port, log_tail, spawn, stop, wait_until
 from epd.ops.supervisor import STATE_FILE, Supervisor
 
 log = logging.getLogger(__name__)
@@ -169,11 +169,8 @@ class Cluster:
     def _exit_logs(self, lines: int = 12) -> str:
         out = ""
         for name in self.dead():
-            try:
-                tail = (self.workdir / "logs" / f"{name}.log").read_text(errors="replace").splitlines()[-lines:]
-            except OSError:
-                continue
-            out += f"\n--- the end of {name}'s log:\n" + "\n".join(tail)
+            if tail := log_tail(self.workdir / "logs" / f"{name}.log", lines):
+                out += f"\n--- the end of {name}'s log:\n{tail}"
         return out
 
     def dead(self) -> list[str]:

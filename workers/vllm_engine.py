@@ -71,9 +71,10 @@ def engine_options(role: str, settings: Settings) -> dict[str, Any]:
             "ec_connector_extra_config": {k: v for k, v in extra.items() if v != "" or k == "ec_dir"},
         }
     gpu = settings.device.startswith("cuda")
-    # an encoder keeps no KV cache; a size given skips the CPU build's check that most of the memory is free
-    kv = {"kv_cache_memory_bytes": ENCODER_KV_BYTES} if role == "encode" else {}
-    if gpu and role != "encode":
+    kv = {}  # on the CPU, pd and epd keep the build's own sizing
+    if role == "encode":  # no KV cache; a size given skips the CPU build's check that most of the memory is free
+        kv = {"kv_cache_memory_bytes": ENCODER_KV_BYTES}
+    elif gpu:
         kv = {"kv_cache_memory_bytes": int(settings.kv_cache_mb * (1 << 20))}
     return {
         "model": str(settings.model),
